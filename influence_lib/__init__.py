@@ -1,0 +1,55 @@
+"""influence_lib: which training samples made a TensorFlow / Keras 3 model behave as it does.
+
+The pipeline is visible in the sub-packages: ``model`` (which weights are watched, per-sample
+gradients), ``curvature`` (Hessian operator and inverse-Hessian-vector products), ``influence``
+(the calculators that turn gradients and curvature into scores).
+"""
+from .common import CACHE, ORDER, NonFiniteError, SingularHessianError, StreamingTopK, TopK
+from .curvature import (
+    CGDIHVPFactory,
+    ConjugateGradientDescentIHVP,
+    ExactIHVP,
+    ExactIHVPFactory,
+    HessianOperator,
+    IHVPCalculator,
+    InverseHessianVectorProduct,
+    InverseHessianVectorProductFactory,
+    LissaIHVP,
+    LissaIHVPFactory,
+)
+from .influence import (
+    BaseInfluenceCalculator,
+    FirstOrderInfluenceCalculator,
+    InfluenceBatches,
+    SelfInfluenceCalculator,
+    extract_only_values,
+)
+from .model import InfluenceModel, default_process_batch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CACHE",
+    "ORDER",
+    "BaseInfluenceCalculator",
+    "CGDIHVPFactory",
+    "ConjugateGradientDescentIHVP",
+    "ExactIHVP",
+    "ExactIHVPFactory",
+    "FirstOrderInfluenceCalculator",
+    "HessianOperator",
+    "IHVPCalculator",
+    "InfluenceBatches",
+    "InfluenceModel",
+    "InverseHessianVectorProduct",
+    "InverseHessianVectorProductFactory",
+    "LissaIHVP",
+    "LissaIHVPFactory",
+    "NonFiniteError",
+    "SelfInfluenceCalculator",
+    "SingularHessianError",
+    "StreamingTopK",
+    "TopK",
+    "default_process_batch",
+    "extract_only_values",
+]

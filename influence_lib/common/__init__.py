@@ -1,0 +1,6 @@
+"""Plumbing shared by every method: enums, dataset checks, errors, progress, top-k, caching."""
+from .enums import CACHE, ORDER
+from .errors import NonFiniteError, SingularHessianError
+from .top_k import StreamingTopK, TopK
+
+__all__ = ["CACHE", "ORDER", "NonFiniteError", "SingularHessianError", "StreamingTopK", "TopK"]

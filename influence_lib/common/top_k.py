@@ -1,0 +1,116 @@
+"""Streaming top-k: keep the k best training samples per query while scanning a training set.
+
+Memory is O(queries · k) whatever the size of the training set, and the result carries the
+training-set index (position in iteration order) of every kept sample.
+"""
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from .enums import ORDER
+
+
+class TopK(NamedTuple):
+    """The k best training samples for each query.
+
+    The first two fields are what Influenciae returns, in its order; ``indices`` is added.
+
+    Attributes
+    ----------
+    samples
+        The training inputs, shape ``(queries, k, *input_shape)`` (nested like the inputs).
+    values
+        Influence values, shape ``(queries, k)``, best first.
+    indices
+        Training-set indices (position in the iteration order of the training dataset),
+        shape ``(queries, k)``.
+    """
+
+    samples: object
+    values: tf.Tensor
+    indices: tf.Tensor
+
+
+@tf.function(reduce_retracing=True)
+def _merge(best_values, best_indices, best_samples, new_values, new_indices, new_samples, descending: bool):
+    """Merge a scored batch into the current top-k. Ties keep the earlier training index."""
+    k = tf.shape(best_values)[1]
+    values = tf.concat([best_values, new_values], axis=1)
+    keys = values if descending else -values
+    _, positions = tf.math.top_k(keys, k=k, sorted=True)
+    queries = tf.shape(new_values)[0]
+    indices = tf.concat([best_indices, tf.tile(new_indices[None], [queries, 1])], axis=1)
+    from_old = positions < k
+
+    def pick(old, new):
+        old_part = tf.gather(old, tf.minimum(positions, k - 1), batch_dims=1)
+        new_part = tf.gather(new, tf.maximum(positions - k, 0))
+        mask = tf.reshape(from_old, tf.concat([tf.shape(from_old), tf.ones([tf.rank(old) - 2], tf.int32)], 0))
+        return tf.where(mask, old_part, new_part)
+
+    samples = tf.nest.map_structure(pick, best_samples, new_samples)
+    return (tf.gather(values, positions, batch_dims=1), tf.gather(indices, positions, batch_dims=1), samples)
+
+
+def check_top_k_arguments(k: int, order: ORDER) -> None:
+    """Raise a clear error unless ``k`` is a positive integer and ``order`` an :class:`ORDER`."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}.")
+    if not isinstance(order, ORDER):
+        raise TypeError(f"order must be ORDER.DESCENDING or ORDER.ASCENDING, got {order!r}.")
+
+
+class StreamingTopK:
+    """Keeps, for each of ``queries`` rows, the ``k`` largest (or smallest) scores seen so far.
+
+    Parameters
+    ----------
+    k
+        How many training samples to keep per query.
+    order
+        ``ORDER.DESCENDING`` keeps the largest values, ``ORDER.ASCENDING`` the smallest.
+    """
+
+    def __init__(self, k: int, order: ORDER = ORDER.DESCENDING):
+        check_top_k_arguments(k, order)
+        self.k = int(k)
+        self.order = order
+        self._state = None
+        self._seen = 0
+
+    def update(self, values: tf.Tensor, indices: tf.Tensor, samples) -> None:
+        """Add one batch of training samples scored against every query.
+
+        Parameters
+        ----------
+        values
+            Scores, shape ``(queries, batch)``.
+        indices
+            Training-set indices of the batch, shape ``(batch,)``.
+        samples
+            Training inputs of the batch, shape ``(batch, ...)`` (any nesting).
+        """
+        values = tf.convert_to_tensor(values)
+        if self._state is None:
+            queries = tf.shape(values)[0]
+            fill = -np.inf if self.order == ORDER.DESCENDING else np.inf
+            self._state = (
+                tf.fill([queries, self.k], tf.constant(fill, values.dtype)),
+                tf.fill([queries, self.k], tf.constant(-1, tf.int64)),
+                tf.nest.map_structure(
+                    lambda s: tf.zeros(tf.concat([[queries, self.k], tf.shape(s)[1:]], 0), s.dtype), samples
+                ),
+            )
+        self._state = _merge(
+            *self._state, values, tf.cast(indices, tf.int64), samples, self.order == ORDER.DESCENDING
+        )
+        self._seen += int(tf.shape(values)[1])
+
+    def result(self) -> TopK:
+        """The kept samples, best first; fewer than k columns when fewer samples were seen."""
+        if self._state is None:
+            raise ValueError("No training sample was scored: the training dataset is empty.")
+        kept = min(self.k, self._seen)
+        values, indices, samples = self._state
+        return TopK(tf.nest.map_structure(lambda s: s[:, :kept], samples), values[:, :kept], indices[:, :kept])

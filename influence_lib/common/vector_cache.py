@@ -1,0 +1,45 @@
+"""Disk cache of training-side influence vectors (``tf.data.Dataset.save``) with a checked fingerprint.
+
+A cache directory holds the vectors batch by batch plus ``influence_lib_cache.json`` describing
+what produced them; loading a cache made by another calculator, model or training set is an
+error, never silently wrong data.
+"""
+import json
+import os
+from collections.abc import Iterable
+
+import tensorflow as tf
+
+_METADATA = "influence_lib_cache.json"
+
+
+def save_vectors(batches: Iterable[tf.Tensor], path: str, fingerprint: dict) -> None:
+    """Stream ``(batch, D)`` vector batches to ``path`` and write their fingerprint beside them."""
+    counts: list[int] = []
+
+    def generate():
+        for vectors in batches:
+            counts.append(int(tf.shape(vectors)[0]))
+            yield vectors
+
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec((None, None), tf.float32))
+    tf.data.Dataset.save(dataset, path)
+    with open(os.path.join(path, _METADATA), "w", encoding="utf-8") as handle:
+        json.dump({**fingerprint, "num_samples": sum(counts), "batch_sizes": counts}, handle)
+
+
+def load_vectors(path: str, fingerprint: dict) -> tf.data.Dataset:
+    """Load vectors saved by :func:`save_vectors`; raise if missing or made by something else."""
+    metadata_path = os.path.join(path, _METADATA)
+    if not os.path.isdir(path) or not os.path.exists(metadata_path):
+        raise FileNotFoundError(
+            f"No influence-vector cache at {path!r}. Compute it first (save_influence_vector_path=...) "
+            "or drop the load path."
+        )
+    with open(metadata_path, encoding="utf-8") as handle:
+        metadata = json.load(handle)
+    mismatched = {key: (metadata.get(key), value) for key, value in fingerprint.items() if metadata.get(key) != value}
+    if mismatched:
+        details = ", ".join(f"{key}: cached {old!r} vs now {new!r}" for key, (old, new) in mismatched.items())
+        raise ValueError(f"The influence-vector cache at {path!r} was made by a different setup ({details}).")
+    return tf.data.Dataset.load(path)

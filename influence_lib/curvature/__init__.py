@@ -1,0 +1,29 @@
+"""Curvature: the mean Hessian as an operator and the inverse-Hessian-vector-product calculators."""
+from .base import InverseHessianVectorProduct
+from .conjugate_gradient import ConjugateGradientDescentIHVP, batched_conjugate_gradient
+from .exact import ExactIHVP
+from .factory import (
+    CGDIHVPFactory,
+    ExactIHVPFactory,
+    IHVPCalculator,
+    InverseHessianVectorProductFactory,
+    LissaIHVPFactory,
+    make_ihvp,
+)
+from .hessian import HessianOperator
+from .lissa import LissaIHVP
+
+__all__ = [
+    "CGDIHVPFactory",
+    "ConjugateGradientDescentIHVP",
+    "ExactIHVP",
+    "ExactIHVPFactory",
+    "HessianOperator",
+    "IHVPCalculator",
+    "InverseHessianVectorProduct",
+    "InverseHessianVectorProductFactory",
+    "LissaIHVP",
+    "LissaIHVPFactory",
+    "batched_conjugate_gradient",
+    "make_ihvp",
+]

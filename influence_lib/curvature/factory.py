@@ -1,0 +1,97 @@
+"""Choose an IHVP calculator by name (``'exact' | 'cgd' | 'lissa'``), enum, or factory object."""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+
+import tensorflow as tf
+
+from ..model.influence_model import InfluenceModel
+from .base import InverseHessianVectorProduct
+from .conjugate_gradient import ConjugateGradientDescentIHVP
+from .exact import ExactIHVP
+from .lissa import LissaIHVP
+
+
+class IHVPCalculator(Enum):
+    """The IHVP calculators, as in Influenciae: ``IHVPCalculator.Exact.value(model, dataset)`` builds one."""
+
+    Exact = ExactIHVP
+    Cgd = ConjugateGradientDescentIHVP
+    Lissa = LissaIHVP
+
+    @staticmethod
+    def from_string(ihvp_calculator: str) -> "IHVPCalculator":
+        """``'exact'``, ``'cgd'`` or ``'lissa'`` (case-insensitive) to the enum member."""
+        members = {"exact": IHVPCalculator.Exact, "cgd": IHVPCalculator.Cgd, "lissa": IHVPCalculator.Lissa}
+        key = str(ihvp_calculator).lower()
+        if key not in members:
+            raise ValueError(f"Unknown IHVP calculator {ihvp_calculator!r}; choose one of {sorted(members)}.")
+        return members[key]
+
+
+class InverseHessianVectorProductFactory(ABC):
+    """Builds an IHVP calculator for a model and a Hessian dataset (used where one is built per model)."""
+
+    @abstractmethod
+    def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> InverseHessianVectorProduct:
+        """Create the calculator for ``model`` with its Hessian averaged over ``dataset``."""
+
+
+@dataclass(frozen=True)
+class ExactIHVPFactory(InverseHessianVectorProductFactory):
+    """Builds :class:`ExactIHVP` with the given damping."""
+
+    damping: float = 0.0
+
+    def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> ExactIHVP:
+        return ExactIHVP(model, dataset, damping=self.damping)
+
+
+@dataclass(frozen=True)
+class CGDIHVPFactory(InverseHessianVectorProductFactory):
+    """Builds :class:`ConjugateGradientDescentIHVP` with the given settings."""
+
+    n_opt_iters: int = 100
+    damping: float = 0.0
+    tolerance: float = 1e-5
+
+    def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> ConjugateGradientDescentIHVP:
+        return ConjugateGradientDescentIHVP(model, dataset, self.n_opt_iters, self.damping, self.tolerance)
+
+
+@dataclass(frozen=True)
+class LissaIHVPFactory(InverseHessianVectorProductFactory):
+    """Builds :class:`LissaIHVP` with the given settings."""
+
+    n_opt_iters: int = 100
+    damping: float = 1e-3
+    scale: float = 10.0
+
+    def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> LissaIHVP:
+        return LissaIHVP(model, dataset, self.n_opt_iters, self.damping, self.scale)
+
+
+def make_ihvp(
+    calculator: "str | IHVPCalculator | InverseHessianVectorProduct | InverseHessianVectorProductFactory",
+    model: InfluenceModel,
+    dataset: tf.data.Dataset,
+    show_progress: bool = True,
+) -> InverseHessianVectorProduct:
+    """Resolve ``calculator`` (name, enum member, factory, or ready instance) into an IHVP calculator.
+
+    Names and enum members build the calculator with its default settings.
+    """
+    if isinstance(calculator, InverseHessianVectorProduct):
+        if calculator.model is not model:
+            raise ValueError("The IHVP calculator was built for another InfluenceModel than the calculator's.")
+        return calculator
+    if isinstance(calculator, InverseHessianVectorProductFactory):
+        return calculator.build(model, dataset)
+    if isinstance(calculator, str):
+        calculator = IHVPCalculator.from_string(calculator)
+    if isinstance(calculator, IHVPCalculator):
+        return calculator.value(model, dataset, show_progress=show_progress)
+    raise TypeError(
+        "ihvp_calculator must be 'exact', 'cgd', 'lissa', an IHVPCalculator, an InverseHessianVectorProduct "
+        f"or an InverseHessianVectorProductFactory; got {calculator!r}."
+    )

@@ -1,0 +1,352 @@
+"""The shared machinery of every influence calculator: batching over ``tf.data``, influence-vector
+caching (memory, disk or none), pairwise values in batches, streaming top-k with training-set
+indices, and progress bars. Subclasses implement only the math hooks.
+
+Two levels, as in Influenciae:
+
+* :class:`SelfInfluenceCalculator` — methods that only give a score per training sample
+  (hook: ``_compute_influence_value_from_batch``).
+* :class:`BaseInfluenceCalculator` — methods whose influence of training sample ``z`` on a
+  sample to evaluate ``t`` factors as ``⟨φ(t), ψ(z)⟩``: ``ψ`` is the *influence vector* of a
+  training sample (hook ``_compute_influence_vector``), ``φ`` the preprocessed sample to
+  evaluate (hook ``_preprocess_samples``). Influence vectors are computed once per training
+  set and reused for every sample to evaluate.
+
+Training-set indices are positions in the iteration order of the training dataset: pass a
+dataset that iterates in the same order every time (no reshuffling).
+"""
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from itertools import zip_longest
+
+import tensorflow as tf
+
+from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches
+from ..common.enums import CACHE, ORDER
+from ..common.errors import NonFiniteError
+from ..common.progress import known_cardinality, progress
+from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
+from ..common.vector_cache import load_vectors, save_vectors
+
+VALUE_DTYPE = tf.float32
+
+
+def _check_finite(values: tf.Tensor, first_index: int, what: str) -> tf.Tensor:
+    finite = tf.math.is_finite(values)
+    if not bool(tf.reduce_all(finite)):
+        bad = tf.where(~tf.reduce_all(tf.reshape(finite, [tf.shape(finite)[0], -1]), axis=1))[:, 0]
+        indices = (bad.numpy() + first_index).tolist()[:10]
+        raise NonFiniteError(
+            f"{what} are NaN or infinite for the samples at indices {indices}: their loss or gradients are not "
+            "finite (check those inputs and labels), or the Hessian is ill-conditioned (use damping)."
+        )
+    return values
+
+
+def extract_only_values(dataset: tf.data.Dataset) -> tf.Tensor:
+    """Concatenate the values (last component) of a ``(batch, values)`` result dataset into one tensor."""
+    return tf.concat([element[-1] for element in dataset], axis=0)
+
+
+class InfluenceBatches:
+    """Re-iterable stream of ``(batch_to_evaluate, dataset of (training inputs, values))`` pairs.
+
+    Each values tensor has shape ``(batch_to_evaluate, training_batch)``. Iterating computes lazily,
+    one batch to evaluate at a time.
+    """
+
+    def __init__(self, make_iterator: Callable[[], Iterator[tuple[Batch, tf.data.Dataset]]]):
+        self._make_iterator = make_iterator
+
+    def __iter__(self) -> Iterator[tuple[Batch, tf.data.Dataset]]:
+        return self._make_iterator()
+
+
+class SelfInfluenceCalculator(ABC):
+    """Base of every calculator: self-influence scores and their streaming top-k.
+
+    Subclasses set ``self.show_progress`` and implement ``_compute_influence_value_from_batch``.
+    """
+
+    show_progress: bool = True
+
+    @abstractmethod
+    def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
+        """Self-influence of each sample of one batch, shape ``(batch,)``."""
+
+    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
+        check_dataset(dataset, name)
+
+    def _self_influence_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+        offset = 0
+        batches = progress(
+            iterate_batches(train_set, "train_set"), self.show_progress, "Self-influence", known_cardinality(train_set)
+        )
+        for batch in batches:
+            values = tf.cast(tf.reshape(self._compute_influence_value_from_batch(batch), [-1]), VALUE_DTYPE)
+            yield batch, _check_finite(values, offset, "Self-influence values")
+            offset += batch_size_of(batch)
+
+    def compute_influence_values(self, train_set: tf.data.Dataset) -> tf.data.Dataset:
+        """Self-influence of every training sample.
+
+        Returns
+        -------
+        tf.data.Dataset
+            Lazily computed elements ``(batch, values)``: the training batch as given and its
+            self-influence values, shape ``(batch,)``. :func:`extract_only_values` turns it into one tensor.
+        """
+        self._check_dataset(train_set, "train_set")
+        signature = (train_set.element_spec, tf.TensorSpec((None,), VALUE_DTYPE))
+        return tf.data.Dataset.from_generator(
+            lambda: self._self_influence_batches(train_set), output_signature=signature
+        )
+
+    def compute_top_k_from_training_dataset(
+        self, train_set: tf.data.Dataset, k: int, order: ORDER = ORDER.DESCENDING
+    ) -> TopK:
+        """The k training samples with the largest (or smallest) self-influence, streaming.
+
+        Memory is O(k) whatever the size of ``train_set``.
+
+        Returns
+        -------
+        TopK
+            ``(samples, values, indices)``: training inputs ``(k, ...)``, self-influence ``(k,)``
+            best first, and training-set indices ``(k,)``. Fewer than k when the set is smaller.
+        """
+        self._check_dataset(train_set, "train_set")
+        best = StreamingTopK(k, order)
+        offset = 0
+        for batch, values in self._self_influence_batches(train_set):
+            size = batch_size_of(batch)
+            best.update(values[None], tf.range(offset, offset + size, dtype=tf.int64), inputs_of(batch))
+            offset += size
+        result = best.result()
+        return TopK(tf.nest.map_structure(lambda s: s[0], result.samples), result.values[0], result.indices[0])
+
+
+class BaseInfluenceCalculator(SelfInfluenceCalculator):
+    """Base of the calculators whose influence factors as ``⟨φ(t), ψ(z)⟩`` (see module docstring)."""
+
+    @abstractmethod
+    def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
+        """Influence vectors ψ(z) of one training batch, shape ``(batch, D)``."""
+
+    @abstractmethod
+    def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
+        """Preprocessed samples to evaluate φ(t), shape ``(batch, D)``."""
+
+    def _estimate_influence_value_from_influence_vector(
+        self, preproc_test_sample: tf.Tensor, influence_vector: tf.Tensor
+    ) -> tf.Tensor:
+        """Influence of each training vector on each preprocessed sample, shape ``(test, train)``."""
+        return tf.matmul(preproc_test_sample, influence_vector, transpose_b=True)
+
+    def _cache_fingerprint(self) -> dict:
+        """What must match for a disk cache of influence vectors to be reused (subclasses extend it)."""
+        return {"calculator": type(self).__name__}
+
+    def _influence_vector_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+        offset = 0
+        batches = progress(
+            iterate_batches(train_set, "train_set"),
+            self.show_progress,
+            "Influence vectors",
+            known_cardinality(train_set),
+        )
+        for batch in batches:
+            vectors = tf.cast(self._compute_influence_vector(batch), VALUE_DTYPE)
+            yield batch, _check_finite(vectors, offset, "Influence vectors")
+            offset += batch_size_of(batch)
+
+    def compute_influence_vector(
+        self, train_set: tf.data.Dataset, save_influence_vector_ds_path: str | None = None
+    ) -> tf.data.Dataset:
+        """Influence vectors ψ(z) of every training sample.
+
+        Parameters
+        ----------
+        train_set
+            Batched training samples.
+        save_influence_vector_ds_path
+            If given, the vectors are computed once, saved there (reusable with
+            ``load_influence_vector_path``), and the returned dataset reads them back.
+
+        Returns
+        -------
+        tf.data.Dataset
+            Elements ``(batch, vectors)`` with vectors of shape ``(batch, D)``.
+        """
+        self._check_dataset(train_set, "train_set")
+        if save_influence_vector_ds_path is not None:
+            self._save_influence_vectors(train_set, save_influence_vector_ds_path)
+            make_pairs = self._vector_source(train_set, CACHE.DISK, save_influence_vector_ds_path, None)
+        else:
+            make_pairs = lambda: self._influence_vector_batches(train_set)  # noqa: E731
+        signature = (train_set.element_spec, tf.TensorSpec((None, None), VALUE_DTYPE))
+        return tf.data.Dataset.from_generator(make_pairs, output_signature=signature)
+
+    def _save_influence_vectors(self, train_set: tf.data.Dataset, path: str) -> None:
+        save_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path, self._cache_fingerprint())
+
+    def _vector_source(
+        self,
+        train_set: tf.data.Dataset,
+        cache: CACHE,
+        load_path: str | None,
+        save_path: str | None,
+    ) -> Callable[[], Iterator[tuple[Batch, tf.Tensor]]]:
+        """A function that replays ``(training batch, influence vectors)`` pairs, computing them at most once
+        (MEMORY or DISK) or on every call (NO_CACHE)."""
+        if not isinstance(cache, CACHE):
+            raise TypeError(f"influence_vector_in_cache must be CACHE.MEMORY, CACHE.DISK or CACHE.NO_CACHE, got {cache!r}.")
+        if load_path is None and save_path is not None:
+            self._save_influence_vectors(train_set, save_path)
+            load_path = save_path
+        if load_path is None and cache == CACHE.DISK:
+            load_path = os.path.join(tempfile.mkdtemp(prefix="influence_vectors_"), "vectors")
+            self._save_influence_vectors(train_set, load_path)
+        if load_path is not None:
+            stored = load_vectors(load_path, self._cache_fingerprint())
+            if cache == CACHE.MEMORY:
+                stored = stored.cache()
+            return lambda: _pair_with_batches(train_set, stored)
+        if cache == CACHE.MEMORY:
+            vectors = [vectors for _, vectors in self._influence_vector_batches(train_set)]
+            return lambda: _pair_with_batches(train_set, vectors)
+        return lambda: self._influence_vector_batches(train_set)
+
+    def estimate_influence_values_in_batches(
+        self,
+        dataset_to_evaluate: tf.data.Dataset,
+        train_set: tf.data.Dataset,
+        influence_vector_in_cache: CACHE = CACHE.MEMORY,
+        load_influence_vector_path: str | None = None,
+        save_influence_vector_path: str | None = None,
+        save_influence_value_path: str | None = None,
+    ) -> InfluenceBatches:
+        """Influence of every training sample on every sample to evaluate, batch by batch.
+
+        Parameters
+        ----------
+        dataset_to_evaluate
+            Batched samples whose predictions are explained.
+        train_set
+            Batched training samples.
+        influence_vector_in_cache
+            Keep the training influence vectors in memory, on disk, or recompute them each time.
+        load_influence_vector_path, save_influence_vector_path
+            Reuse vectors saved earlier, or save the ones computed now.
+        save_influence_value_path
+            If given, the values for the i-th batch to evaluate are saved (``tf.data.Dataset.save``)
+            under ``{path}/batch_{i:06d}`` and the result reads them back.
+
+        Returns
+        -------
+        InfluenceBatches
+            Iterable of ``(batch_to_evaluate, dataset)``; the dataset yields
+            ``(training inputs, values)`` with values of shape ``(batch_to_evaluate, training_batch)``.
+        """
+        self._check_dataset(dataset_to_evaluate, "dataset_to_evaluate")
+        self._check_dataset(train_set, "train_set")
+        source = self._vector_source(
+            train_set, influence_vector_in_cache, load_influence_vector_path, save_influence_vector_path
+        )
+        train_inputs_spec = train_set.element_spec[0]
+        signature = (train_inputs_spec, tf.TensorSpec((None, None), VALUE_DTYPE))
+
+        def values_for(evaluated: tf.Tensor) -> tf.data.Dataset:
+            def generate():
+                for batch, vectors in source():
+                    yield inputs_of(batch), self._estimate_influence_value_from_influence_vector(evaluated, vectors)
+
+            return tf.data.Dataset.from_generator(generate, output_signature=signature)
+
+        def computed() -> Iterator[tuple[Batch, tf.data.Dataset]]:
+            for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
+                yield batch, values_for(self._preprocess_samples(batch))
+
+        if save_influence_value_path is None:
+            return InfluenceBatches(computed)
+        paths = []
+        for index, (batch, values) in enumerate(computed()):
+            path = os.path.join(save_influence_value_path, f"batch_{index:06d}")
+            tf.data.Dataset.save(values, path)
+            paths.append(path)
+        return InfluenceBatches(
+            lambda: ((batch, tf.data.Dataset.load(path)) for batch, path in zip(
+                iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"), paths))
+        )
+
+    def top_k(
+        self,
+        dataset_to_evaluate: tf.data.Dataset,
+        train_set: tf.data.Dataset,
+        k: int = 5,
+        order: ORDER = ORDER.DESCENDING,
+        influence_vector_in_cache: CACHE = CACHE.MEMORY,
+        load_influence_vector_ds_path: str | None = None,
+        save_influence_vector_ds_path: str | None = None,
+        save_top_k_ds_path: str | None = None,
+    ) -> tf.data.Dataset:
+        """The k most (or least) influential training samples for every sample to evaluate.
+
+        Streams over the training set keeping only k candidates per sample to evaluate (memory
+        O(batch·k) plus the influence-vector cache).
+
+        Returns
+        -------
+        tf.data.Dataset
+            Elements ``(batch_to_evaluate, values, training_samples, training_indices)``: values
+            ``(batch, k)`` best first, training inputs ``(batch, k, ...)`` and their training-set
+            indices ``(batch, k)``. The first three are Influenciae's ``top_k`` outputs.
+        """
+        self._check_dataset(dataset_to_evaluate, "dataset_to_evaluate")
+        self._check_dataset(train_set, "train_set")
+        check_top_k_arguments(k, order)
+        source = self._vector_source(
+            train_set, influence_vector_in_cache, load_influence_vector_ds_path, save_influence_vector_ds_path
+        )
+
+        def generate():
+            for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
+                evaluated = self._preprocess_samples(batch)
+                best = StreamingTopK(k, order)
+                offset = 0
+                for train_batch, vectors in source():
+                    size = batch_size_of(train_batch)
+                    values = self._estimate_influence_value_from_influence_vector(evaluated, vectors)
+                    best.update(values, tf.range(offset, offset + size, dtype=tf.int64), inputs_of(train_batch))
+                    offset += size
+                result = best.result()
+                yield batch, result.values, result.samples, result.indices
+
+        samples_spec = tf.nest.map_structure(
+            lambda spec: tf.TensorSpec((None, None, *spec.shape[1:]), spec.dtype), train_set.element_spec[0]
+        )
+        signature = (
+            dataset_to_evaluate.element_spec,
+            tf.TensorSpec((None, None), VALUE_DTYPE),
+            samples_spec,
+            tf.TensorSpec((None, None), tf.int64),
+        )
+        top_k_dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+        if save_top_k_ds_path is None:
+            return top_k_dataset
+        tf.data.Dataset.save(top_k_dataset, save_top_k_ds_path)
+        return tf.data.Dataset.load(save_top_k_ds_path)
+
+
+def _pair_with_batches(train_set: tf.data.Dataset, vector_batches) -> Iterator[tuple[Batch, tf.Tensor]]:
+    """Zip training batches with their stored influence vectors; raise if the two disagree."""
+    for batch, vectors in zip_longest(iterate_batches(train_set, "train_set"), vector_batches):
+        if batch is None or vectors is None or batch_size_of(batch) != int(tf.shape(vectors)[0]):
+            raise ValueError(
+                "The training set does not match its cached influence vectors (different size or batching, "
+                "or a dataset that reshuffles each iteration). Recompute the cache for this training set, "
+                "and pass a training set that iterates in a fixed order."
+            )
+        yield batch, vectors
