@@ -161,6 +161,16 @@ class InfluenceModel:
         return self.flatten(jacobians, batch_dims=1)
 
     @tf.function(reduce_retracing=True)
+    def batch_gradient_dot_tensor(self, batch_a: Batch, batch_b: Batch) -> tf.Tensor:
+        """Dot products of per-sample gradients ``⟨g_i, g_j⟩`` between two batches, shape ``(A, B)``."""
+        return tf.matmul(self.batch_jacobian_tensor(batch_a), self.batch_jacobian_tensor(batch_b), transpose_b=True)
+
+    @tf.function(reduce_retracing=True)
+    def batch_gradient_norm_sq_tensor(self, batch: Batch) -> tf.Tensor:
+        """Squared norms of the per-sample gradients ``‖g_i‖²``, shape ``(batch,)``."""
+        return tf.reduce_sum(tf.square(self.batch_jacobian_tensor(batch)), axis=1)
+
+    @tf.function(reduce_retracing=True)
     def batch_gradient_tensor(self, batch: Batch) -> tf.Tensor:
         """Gradient of the summed loss of one batch w.r.t. the watched weights, shape ``(nb_params,)``."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
