@@ -1,7 +1,15 @@
 """InfluenceModel: a Keras model, the weights an influence method watches, and its per-sample loss.
 
-It provides, for a batch, per-sample losses, per-sample gradients (one vectorized pass, no loop
-over samples), the gradient of the summed loss, and Hessian-vector products of the summed loss.
+It provides, for a batch, per-sample losses, per-sample gradients, their dot products and
+norms, the gradient of the summed loss, Hessian-vector products and the Hessian of the summed
+loss.
+
+Per-sample gradients of the layer types in :mod:`influence_lib.model.layer_rules` (Dense,
+Conv1D/Conv2D, Embedding, EinsumDense) come in closed form from ONE forward and ONE backward
+pass of the batch: each watched layer's input ``a`` and output gradient ``δ`` are recorded
+(:mod:`influence_lib.model.layer_recorder`) and combined per sample (``a_i ⊗ δ_i`` for Dense).
+Anything else — another layer type, a subclassed model that uses weights outside its layers'
+``call`` — automatically uses the vectorized jacobian (``GradientTape.jacobian`` with pfor).
 """
 from collections.abc import Callable, Sequence
 
@@ -10,10 +18,13 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.datasets import Batch, check_dataset, iterate_batches
+from .layer_recorder import LayerRecorder, Recording
+from .layer_rules import LayerCall, rule_for
 from .layer_selection import select_layers
 
 ProcessBatch = Callable[[Batch], tuple[object, tf.Tensor, tf.Tensor | None]]
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
+_PER_SAMPLE_GRADIENT_MODES = ("auto", "jacobian")
 
 
 def default_process_batch(batch: Batch) -> tuple[object, tf.Tensor, tf.Tensor | None]:
@@ -61,12 +72,26 @@ class InfluenceModel:
     process_batch_for_loss_fn
         Maps a dataset batch to ``(inputs, targets, sample_weight or None)``. The default accepts
         ``(x, y)`` and ``(x, y, sample_weight)``.
+    per_sample_gradients
+        ``"auto"`` (default): closed-form per-sample gradients when every watched layer has a
+        rule and the forward pass can be traced, the vectorized jacobian otherwise.
+        ``"jacobian"``: always the vectorized jacobian.
+
+    Attributes
+    ----------
+    closed_form_layers
+        The watched layers owning watched weights, in order (the blocks of
+        :meth:`batch_jacobian_blocks`).
+    fallback_reason
+        ``None`` while the closed form is used; otherwise why the last traced computation used
+        the jacobian instead.
 
     Notes
     -----
     The model is always run in inference mode (``training=False``): dropout is off and
-    BatchNormalization uses its moving statistics, so samples never mix within a batch.
-    Losses are computed in float32 even for float16/bfloat16 models.
+    BatchNormalization uses its moving statistics, so samples never mix within a batch (the
+    closed form relies on this: the loss of sample ``i`` must depend on sample ``i`` only).
+    Losses and gradients are computed in float32 even for float16/bfloat16 models.
     """
 
     def __init__(
@@ -76,7 +101,12 @@ class InfluenceModel:
         last_layer: str | int | None = None,
         loss_function: Callable | None = None,
         process_batch_for_loss_fn: ProcessBatch = default_process_batch,
+        per_sample_gradients: str = "auto",
     ):
+        if per_sample_gradients not in _PER_SAMPLE_GRADIENT_MODES:
+            raise ValueError(
+                f"per_sample_gradients must be one of {_PER_SAMPLE_GRADIENT_MODES}, got {per_sample_gradients!r}."
+            )
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a Keras 3 keras.Model, got {type(model).__name__}.")
         if loss_function is None:
@@ -93,6 +123,32 @@ class InfluenceModel:
         self.weights: list[tf.Variable] = [_as_tf_variable(weight) for weight in watched]
         self.weight_shapes: list[tuple[int, ...]] = [tuple(weight.shape) for weight in self.weights]
         self.nb_params: int = int(sum(np.prod(shape, dtype=np.int64) for shape in self.weight_shapes))
+        self.closed_form_layers = [layer for layer in self.layers if layer.trainable_weights]
+        self.fallback_reason: str | None = None
+        self._recorder, self._static_fallback = self._plan_closed_form(per_sample_gradients)
+
+    def _plan_closed_form(self, mode: str) -> tuple[LayerRecorder | None, str | None]:
+        """Match each watched layer with its rule and its watched weights with the rule's parameters."""
+        if mode == "jacobian":
+            return None, "per_sample_gradients='jacobian' was requested"
+        rules, parameters = [], []
+        self._weight_positions: list[list[int]] = []
+        for layer in self.closed_form_layers:
+            rule = rule_for(layer)
+            if rule is None:
+                return None, f"no closed-form rule for layer {layer.name!r} of type {type(layer).__name__}"
+            params = [None if p is None else _as_tf_variable(p) for p in rule.parameters(layer)]
+            refs = [None if p is None else p.ref() for p in params]
+            positions = []
+            for weight in layer.trainable_weights:
+                ref = _as_tf_variable(weight).ref()
+                if ref not in refs:
+                    return None, f"weight {weight.name!r} of layer {layer.name!r} is not covered by its rule"
+                positions.append(refs.index(ref))
+            rules.append(rule)
+            parameters.append(params)
+            self._weight_positions.append(positions)
+        return LayerRecorder(self.closed_form_layers, rules, parameters), None
 
     def __call__(self, inputs) -> tf.Tensor:
         """Run the wrapped model in inference mode."""
@@ -146,29 +202,143 @@ class InfluenceModel:
         """Per-sample losses of one batch, shape ``(batch,)`` (sample weights applied)."""
         return self._per_sample_loss(batch)
 
+    def _record(self, batch: Batch) -> Recording | None:
+        """One forward and one backward pass recording ``(a, δ)`` of every watched layer call.
+
+        Returns ``None`` (and sets :attr:`fallback_reason`) when the closed form does not apply.
+        """
+        if self._recorder is None:
+            self.fallback_reason = self._static_fallback
+            return None
+        with tf.GradientTape(watch_accessed_variables=True) as tape:
+            with self._recorder.recording(tape) as record:
+                losses = self._per_sample_loss(batch)
+            loss = tf.reduce_sum(losses)
+        if record.failure is not None:
+            self.fallback_reason = record.failure
+            return None
+        calls = [call for layer_calls in record.calls for call in layer_calls]
+        deltas = tape.gradient(
+            loss, [call.preactivation for call in calls], unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        for call, delta in zip(calls, deltas):
+            call.delta = delta
+        self.fallback_reason = None
+        return record
+
+    def _watched_mask(self, layer_index: int) -> list[bool]:
+        rule_params = self._recorder.parameters[layer_index]
+        return [position in self._weight_positions[layer_index] for position in range(len(rule_params))]
+
+    def _closed_form_weight_gradients(self, record: Recording) -> list[tf.Tensor]:
+        """Per-sample gradients of each watched weight, in the order of :attr:`weights`."""
+        gradients = []
+        for index, (layer, calls) in enumerate(zip(self.closed_form_layers, record.calls)):
+            rule = self._recorder.rules[index]
+            per_call = [rule.per_sample_gradients(layer, call) for call in calls]
+            summed = [tf.add_n(list(parts)) if parts[0] is not None else None for parts in zip(*per_call)]
+            gradients.extend(summed[position] for position in self._weight_positions[index])
+        return [tf.cast(gradient, weight.dtype) for gradient, weight in zip(gradients, self.weights)]
+
+    def _jacobian_weight_gradients(self, batch: Batch) -> list[tf.Tensor]:
+        """Per-sample gradients by ``GradientTape.jacobian`` with pfor (works for any model)."""
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.weights)
+            losses = self._per_sample_loss(batch)
+        return tape.jacobian(
+            losses, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
+        )
+
+    def _weight_gradients(self, batch: Batch) -> list[tf.Tensor]:
+        record = self._record(batch)
+        if record is None:
+            return self._jacobian_weight_gradients(batch)
+        return self._closed_form_weight_gradients(record)
+
     @tf.function(reduce_retracing=True)
     def batch_jacobian_tensor(self, batch: Batch) -> tf.Tensor:
         """Per-sample gradients of the loss w.r.t. the watched weights, shape ``(batch, nb_params)``.
 
-        One vectorized pass over the batch (``GradientTape.jacobian`` with pfor).
+        Closed form from one forward and one backward pass when every watched layer has a rule
+        (``∂ℓ_i/∂W = Σ_t a_{i,t} ⊗ δ_{i,t}`` for Dense), else ``GradientTape.jacobian`` with
+        pfor. Columns follow :attr:`weights`, each weight flattened row-major.
         """
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(self.weights)
-            losses = self._per_sample_loss(batch)
-        jacobians = tape.jacobian(
-            losses, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
-        )
-        return self.flatten(jacobians, batch_dims=1)
+        return self.flatten(self._weight_gradients(batch), batch_dims=1)
+
+    @tf.function(reduce_retracing=True)
+    def batch_jacobian_blocks(self, batch: Batch) -> list[tf.Tensor]:
+        """Per-sample gradients split by watched layer: one ``(batch, P_l)`` tensor per layer of
+        :attr:`closed_form_layers`; concatenated along axis 1 they equal :meth:`batch_jacobian_tensor`."""
+        gradients = self.flatten_per_weight(self._weight_gradients(batch))
+        blocks, start = [], 0
+        for layer in self.closed_form_layers:
+            count = len(layer.trainable_weights)
+            blocks.append(tf.concat(gradients[start : start + count], axis=1))
+            start += count
+        return blocks
+
+    @staticmethod
+    def flatten_per_weight(gradients: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Reshape per-sample gradients ``(B, *shape)`` of each weight to ``(B, size)``."""
+        return [tf.reshape(g, [tf.shape(g)[0], -1]) for g in gradients]
 
     @tf.function(reduce_retracing=True)
     def batch_gradient_dot_tensor(self, batch_a: Batch, batch_b: Batch) -> tf.Tensor:
-        """Dot products of per-sample gradients ``⟨g_i, g_j⟩`` between two batches, shape ``(A, B)``."""
-        return tf.matmul(self.batch_jacobian_tensor(batch_a), self.batch_jacobian_tensor(batch_b), transpose_b=True)
+        """Dot products of per-sample gradients ``⟨g_i, g_j⟩`` between two batches, shape ``(A, B)``.
+
+        Summed over watched layers; for Dense layers without forming the gradients:
+        ``⟨g_i, g_j⟩ = Σ_{t,s} (a_{i,t}·a_{j,s} + 1_bias)(δ_{i,t}·δ_{j,s})`` (Pruthi et al., 2020).
+        """
+        record_a, record_b = self._record(batch_a), self._record(batch_b)
+        if record_a is None or record_b is None:
+            return tf.matmul(self.batch_jacobian_tensor(batch_a), self.batch_jacobian_tensor(batch_b), transpose_b=True)
+        grams = []
+        for index, layer in enumerate(self.closed_form_layers):
+            calls_a, calls_b = record_a.calls[index], record_b.calls[index]
+            rule, watched = self._recorder.rules[index], self._watched_mask(index)
+            if len(calls_a) == 1 and len(calls_b) == 1:
+                grams.append(rule.gram(layer, calls_a[0], calls_b[0], watched))
+            else:
+                grams.append(tf.matmul(
+                    self._summed_flat_gradients(index, calls_a), self._summed_flat_gradients(index, calls_b),
+                    transpose_b=True,
+                ))
+        return tf.cast(tf.add_n(grams), self.weights[0].dtype)
+
+    def _summed_flat_gradients(self, index: int, calls: list[LayerCall]) -> tf.Tensor:
+        layer, rule, watched = self.closed_form_layers[index], self._recorder.rules[index], self._watched_mask(index)
+        return tf.add_n([rule.flat_gradients(layer, call, watched) for call in calls])
 
     @tf.function(reduce_retracing=True)
     def batch_gradient_norm_sq_tensor(self, batch: Batch) -> tf.Tensor:
-        """Squared norms of the per-sample gradients ``‖g_i‖²``, shape ``(batch,)``."""
-        return tf.reduce_sum(tf.square(self.batch_jacobian_tensor(batch)), axis=1)
+        """Squared norms of the per-sample gradients ``‖g_i‖²``, shape ``(batch,)``.
+
+        For Dense layers with 2-D inputs ``‖g_i‖² = (‖a_i‖² + 1_bias) ‖δ_i‖²`` without forming ``g_i``.
+        """
+        record = self._record(batch)
+        if record is None:
+            return tf.reduce_sum(tf.square(self.batch_jacobian_tensor(batch)), axis=1)
+        norms = []
+        for index, layer in enumerate(self.closed_form_layers):
+            calls = record.calls[index]
+            if len(calls) == 1:
+                norms.append(self._recorder.rules[index].norm_sq(layer, calls[0], self._watched_mask(index)))
+            else:
+                norms.append(tf.reduce_sum(tf.square(self._summed_flat_gradients(index, calls)), axis=1))
+        return tf.cast(tf.add_n(norms), self.weights[0].dtype)
+
+    @tf.function(reduce_retracing=True)
+    def batch_layer_io_tensor(self, batch: Batch) -> list[list[tuple[tf.Tensor, tf.Tensor]]]:
+        """Inputs and float32 pre-activation outputs of every call of every watched layer.
+
+        Returns, for each layer of :attr:`closed_form_layers`, a list with one ``(inputs,
+        preactivation)`` pair per call in the forward pass (e.g. the logits of a final Dense
+        layer with softmax activation). Raises ``ValueError`` if the layers cannot be recorded.
+        """
+        record = self._record(batch)
+        if record is None:
+            raise ValueError(f"The watched layers cannot be recorded: {self.fallback_reason}.")
+        return [[(call.inputs, call.preactivation) for call in calls] for calls in record.calls]
 
     @tf.function(reduce_retracing=True)
     def batch_gradient_tensor(self, batch: Batch) -> tf.Tensor:
@@ -198,6 +368,26 @@ class InfluenceModel:
             projections, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
         )
         return self.flatten(hvps, batch_dims=1)
+
+    @tf.function(reduce_retracing=True)
+    def batch_hessian_tensor(self, batch: Batch) -> tf.Tensor:
+        """Hessian of the summed loss of one batch, shape ``(nb_params, nb_params)``.
+
+        The jacobian (pfor) of the batch gradient ``∇ Σ_i ℓ_i``: one vectorized pass, no
+        per-sample Hessian. Memory O(P²) plus P gradient-sized temporaries.
+        """
+        with tf.GradientTape(watch_accessed_variables=False) as outer:
+            outer.watch(self.weights)
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
+                inner.watch(self.weights)
+                loss = tf.reduce_sum(self._per_sample_loss(batch))
+            gradient = self.flatten(
+                inner.gradient(loss, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            )
+        hessian = outer.jacobian(
+            gradient, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
+        )
+        return self.flatten(hessian, batch_dims=1)
 
     def batch_loss(self, dataset: tf.data.Dataset) -> tf.Tensor:
         """Per-sample losses of a whole batched dataset, shape ``(n,)``."""

@@ -1,0 +1,303 @@
+"""Closed-form per-sample gradients of the layers an InfluenceModel knows.
+
+For a layer ``z = f(a; θ)`` followed by its activation, and the gradient ``δ = ∂L/∂z`` of the
+summed loss ``L = Σ_i ℓ_i`` w.r.t. its pre-activation output, the gradient of the loss of
+sample ``i`` alone is a function of ``(a_i, δ_i)`` only, because samples do not interact in
+inference mode (``δ_i = ∂ℓ_i/∂z_i``):
+
+* Dense ``z = a W + b``: ``∂ℓ_i/∂W = Σ_t a_{i,t} ⊗ δ_{i,t}`` and ``∂ℓ_i/∂b = Σ_t δ_{i,t}`` (the
+  sum runs over the extra axes of sequence inputs).
+* Conv1D / Conv2D: the same outer product with the input patch seen by each output position
+  (convolution as a matrix product, Chellapilla et al. 2006).
+* Embedding ``z_t = E[id_t]``: ``∂ℓ_i/∂E = Σ_t e_{id_{i,t}} ⊗ δ_{i,t}`` (a scatter-add of rows).
+* EinsumDense ``z = einsum(eq, a, W) + b``: ``∂ℓ_i/∂W = einsum(a_i, δ_i)`` with the kernel's
+  letters as output, ``∂ℓ_i/∂b`` = ``δ_i`` summed over the bias's broadcast axes.
+
+So one forward and one backward pass of the batch give all per-sample gradients (Goodfellow,
+"Efficient per-example gradient computations", 2015; Rochette et al., 2019). Gradient dot
+products of Dense layers never form the gradients:
+``⟨g_i, g_j⟩ = Σ_{t,s} (a_{i,t}·a_{j,s} + 1_bias)(δ_{i,t}·δ_{j,s})`` (Pruthi et al., "TracIn",
+NeurIPS 2020, used by Captum's TracInCPFast).
+"""
+import abc
+import re
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass
+class LayerCall:
+    """What one call of a watched layer leaves behind: its input and its pre-activation output.
+
+    ``preactivation`` is float32 and watched by the recording tape; the output gradient
+    ``delta`` (same shape) is filled in after the backward pass.
+    """
+
+    inputs: tf.Tensor
+    preactivation: tf.Tensor
+    delta: tf.Tensor | None = None
+
+
+def _float32(tensor: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tensor, tf.float32)
+
+
+class LayerRule(abc.ABC):
+    """How to run one layer type from its parameters and differentiate it per sample."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def parameters(layer: keras.layers.Layer) -> list:
+        """The layer's parameter variables in the order :meth:`per_sample_gradients` returns them
+        (``None`` for an absent parameter, e.g. no bias)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def supports(layer: keras.layers.Layer) -> bool:
+        """Whether this rule reproduces ``layer``'s computation exactly."""
+
+    @abc.abstractmethod
+    def preactivation(self, layer: keras.layers.Layer, inputs: tf.Tensor, values: list) -> tf.Tensor:
+        """The layer's output before its activation, from ``inputs`` and parameter ``values``."""
+
+    def activate(self, layer: keras.layers.Layer, preactivation: tf.Tensor) -> tf.Tensor:
+        """Apply the layer's activation (identity if it has none)."""
+        activation = getattr(layer, "activation", None)
+        return preactivation if activation is None else activation(preactivation)
+
+    @abc.abstractmethod
+    def per_sample_gradients(self, layer: keras.layers.Layer, call: LayerCall) -> list:
+        """Per-sample gradients ``(B, *parameter_shape)`` of each parameter, float32."""
+
+    def gram(self, layer: keras.layers.Layer, call_a: LayerCall, call_b: LayerCall, watched: list[bool]) -> tf.Tensor:
+        """``⟨g_i, g_j⟩`` restricted to the watched parameters, shape ``(A, B)``.
+
+        Default: the explicit product of the per-sample gradients.
+        """
+        return tf.matmul(
+            self.flat_gradients(layer, call_a, watched), self.flat_gradients(layer, call_b, watched), transpose_b=True
+        )
+
+    def norm_sq(self, layer: keras.layers.Layer, call: LayerCall, watched: list[bool]) -> tf.Tensor:
+        """``‖g_i‖²`` restricted to the watched parameters, shape ``(B,)``."""
+        return tf.reduce_sum(tf.square(self.flat_gradients(layer, call, watched)), axis=1)
+
+    def flat_gradients(self, layer: keras.layers.Layer, call: LayerCall, watched: list[bool]) -> tf.Tensor:
+        grads = [g for g, keep in zip(self.per_sample_gradients(layer, call), watched) if keep]
+        batch = tf.shape(grads[0])[0]
+        return tf.concat([tf.reshape(g, [batch, -1]) for g in grads], axis=1)
+
+
+def _is_plain(layer: keras.layers.Layer) -> bool:
+    """No LoRA adapter, no quantization, no rematerialization: the plain float computation."""
+    return (
+        not getattr(layer, "lora_enabled", False)
+        and getattr(layer, "quantization_mode", None) is None
+        and not getattr(layer, "_remat_mode", None)
+    )
+
+
+def _as_sequence(tensor: tf.Tensor) -> tf.Tensor:
+    """``(B, ..., d)`` → ``(B, T, d)`` with ``T`` the product of the middle axes."""
+    return tf.reshape(tensor, [tf.shape(tensor)[0], -1, tensor.shape[-1]])
+
+
+class DenseRule(LayerRule):
+    """``keras.layers.Dense``, inputs of any rank ≥ 2."""
+
+    @staticmethod
+    def parameters(layer):
+        return [layer._kernel, layer.bias]
+
+    @staticmethod
+    def supports(layer):
+        return type(layer) is keras.layers.Dense and _is_plain(layer)
+
+    def preactivation(self, layer, inputs, values):
+        kernel, bias = values
+        outputs = tf.tensordot(inputs, kernel, axes=[[inputs.shape.rank - 1], [0]])
+        return outputs if bias is None else outputs + bias
+
+    def per_sample_gradients(self, layer, call):
+        inputs, delta = _float32(call.inputs), call.delta
+        if inputs.shape.rank == 2:
+            return [inputs[:, :, None] * delta[:, None, :], delta]
+        inputs, delta = _as_sequence(inputs), _as_sequence(delta)
+        return [tf.matmul(inputs, delta, transpose_a=True), tf.reduce_sum(delta, axis=1)]
+
+    @staticmethod
+    def _factored_is_cheaper(call_a: LayerCall, call_b: LayerCall) -> bool:
+        """Whether summing ``(a·a')(δ·δ')`` over step pairs costs less than forming the gradients."""
+        steps_a, steps_b = call_a.inputs.shape[1:-1].num_elements(), call_b.inputs.shape[1:-1].num_elements()
+        if steps_a is None or steps_b is None:
+            return False
+        d_in, d_out = int(call_a.inputs.shape[-1]), int(call_a.delta.shape[-1])
+        return steps_a * steps_b * (d_in + d_out + 1) <= d_in * d_out
+
+    def gram(self, layer, call_a, call_b, watched):
+        if not any(watched) or not self._factored_is_cheaper(call_a, call_b):
+            return super().gram(layer, call_a, call_b, watched)
+        watch_kernel, watch_bias = watched[0], len(watched) > 1 and watched[1]
+        inputs_a, delta_a = _as_sequence(_float32(call_a.inputs)), _as_sequence(call_a.delta)
+        inputs_b, delta_b = _as_sequence(_float32(call_b.inputs)), _as_sequence(call_b.delta)
+        delta_products = tf.einsum("ato,bso->abts", delta_a, delta_b)
+        factor = tf.zeros_like(delta_products)
+        if watch_kernel:
+            factor += tf.einsum("ati,bsi->abts", inputs_a, inputs_b)
+        if watch_bias:
+            factor += 1.0
+        return tf.reduce_sum(factor * delta_products, axis=[2, 3])
+
+    def norm_sq(self, layer, call, watched):
+        if call.inputs.shape.rank != 2 or not any(watched):
+            return super().norm_sq(layer, call, watched)
+        factor = tf.reduce_sum(tf.square(_float32(call.inputs)), axis=1) if watched[0] else 0.0
+        if len(watched) > 1 and watched[1]:
+            factor += 1.0
+        return factor * tf.reduce_sum(tf.square(call.delta), axis=1)
+
+
+class EinsumDenseRule(LayerRule):
+    """``keras.layers.EinsumDense`` with an explicit equation ``X,Y->Z`` whose first letter is the batch."""
+
+    _EQUATION = re.compile(r"^([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)$")
+
+    @staticmethod
+    def parameters(layer):
+        return [layer._kernel, layer.bias]
+
+    @classmethod
+    def supports(cls, layer):
+        if type(layer) is not keras.layers.EinsumDense or not _is_plain(layer):
+            return False
+        match = cls._EQUATION.match(layer.equation.replace(" ", ""))
+        if match is None:
+            return False
+        inputs, kernel, outputs = match.groups()
+        batch = inputs[0]
+        return outputs[0] == batch and batch not in kernel and set(kernel) <= set(inputs) | set(outputs)
+
+    def preactivation(self, layer, inputs, values):
+        kernel, bias = values
+        outputs = tf.einsum(layer.equation, inputs, kernel)
+        return outputs if bias is None else outputs + bias
+
+    def per_sample_gradients(self, layer, call):
+        inputs_spec, kernel_spec, outputs_spec = self._EQUATION.match(layer.equation.replace(" ", "")).groups()
+        batch = inputs_spec[0]
+        kernel_grad = tf.einsum(
+            f"{inputs_spec},{outputs_spec}->{batch}{kernel_spec}", _float32(call.inputs), call.delta
+        )
+        if layer.bias is None:
+            return [kernel_grad, None]
+        bias_shape = tuple(layer.bias.shape)
+        delta = call.delta
+        rank, leading = delta.shape.rank, delta.shape.rank - len(bias_shape)
+        summed = list(range(1, leading)) + [
+            axis for axis in range(leading, rank) if bias_shape[axis - leading] == 1 and delta.shape[axis] != 1
+        ]
+        bias_grad = tf.reduce_sum(delta, axis=summed, keepdims=True) if summed else delta
+        return [kernel_grad, tf.reshape(bias_grad, (-1,) + bias_shape)]
+
+
+class ConvRule(LayerRule):
+    """``keras.layers.Conv1D`` / ``Conv2D``: channels_last, one group, any strides, dilation, padding."""
+
+    @staticmethod
+    def parameters(layer):
+        return [layer.kernel, layer.bias]
+
+    @staticmethod
+    def supports(layer):
+        return (
+            type(layer) in (keras.layers.Conv1D, keras.layers.Conv2D)
+            and layer.data_format == "channels_last"
+            and layer.groups == 1
+            and _is_plain(layer)
+        )
+
+    @staticmethod
+    def _padded(layer, inputs: tf.Tensor) -> tuple[tf.Tensor, str]:
+        if layer.padding == "causal":
+            left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+            return tf.pad(inputs, [[0, 0], [left, 0], [0, 0]]), "VALID"
+        return inputs, layer.padding.upper()
+
+    def preactivation(self, layer, inputs, values):
+        kernel, bias = values
+        padded, padding = self._padded(layer, inputs)
+        outputs = tf.nn.convolution(
+            padded, kernel, strides=list(layer.strides), padding=padding, dilations=list(layer.dilation_rate)
+        )
+        return outputs if bias is None else outputs + bias
+
+    def per_sample_gradients(self, layer, call):
+        inputs, padding = self._padded(layer, _float32(call.inputs))
+        kernel_size, strides, dilation = list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate)
+        if layer.rank == 1:
+            inputs = inputs[:, None]
+            kernel_size, strides, dilation = [1] + kernel_size, [1] + strides, [1] + dilation
+        patches = tf.image.extract_patches(
+            inputs,
+            sizes=[1, *kernel_size, 1],
+            strides=[1, *strides, 1],
+            rates=[1, *dilation, 1],
+            padding=padding,
+        )
+        batch = tf.shape(patches)[0]
+        patches = tf.reshape(patches, [batch, -1, patches.shape[-1]])
+        delta = tf.reshape(call.delta, [batch, -1, call.delta.shape[-1]])
+        kernel_grad = tf.reshape(tf.matmul(patches, delta, transpose_a=True), [batch, *layer.kernel.shape])
+        return [kernel_grad, tf.reduce_sum(delta, axis=1)]
+
+
+class EmbeddingRule(LayerRule):
+    """``keras.layers.Embedding``: per-sample gradient = scatter-add of ``δ`` rows at the token ids."""
+
+    @staticmethod
+    def parameters(layer):
+        return [layer._embeddings]
+
+    @staticmethod
+    def supports(layer):
+        return type(layer) is keras.layers.Embedding and _is_plain(layer)
+
+    @staticmethod
+    def _ids(inputs: tf.Tensor) -> tf.Tensor:
+        return inputs if inputs.dtype in (tf.int32, tf.int64) else tf.cast(inputs, tf.int32)
+
+    def preactivation(self, layer, inputs, values):
+        return tf.cast(tf.gather(values[0], self._ids(inputs)), layer.compute_dtype)
+
+    def per_sample_gradients(self, layer, call):
+        vocabulary, dim = layer._embeddings.shape
+        ids = tf.reshape(tf.cast(self._ids(call.inputs), tf.int64), [tf.shape(call.inputs)[0], -1])
+        delta = tf.reshape(call.delta, [-1, dim])
+        rows = tf.reshape(ids + vocabulary * tf.range(tf.shape(ids, out_type=tf.int64)[0])[:, None], [-1])
+        grads = tf.math.unsorted_segment_sum(delta, rows, tf.shape(ids, out_type=tf.int64)[0] * vocabulary)
+        return [tf.reshape(grads, [-1, vocabulary, dim])]
+
+    def gram(self, layer, call_a, call_b, watched):
+        ids_a = tf.reshape(self._ids(call_a.inputs), [tf.shape(call_a.inputs)[0], -1])
+        ids_b = tf.reshape(self._ids(call_b.inputs), [tf.shape(call_b.inputs)[0], -1])
+        steps = ids_a.shape[1] * ids_b.shape[1] if None not in (ids_a.shape[1], ids_b.shape[1]) else None
+        if steps is None or steps > int(np.prod(layer._embeddings.shape)):
+            return super().gram(layer, call_a, call_b, watched)
+        same_token = tf.cast(tf.equal(ids_a[:, None, :, None], tf.cast(ids_b, ids_a.dtype)[None, :, None, :]), tf.float32)
+        delta_a = tf.reshape(call_a.delta, [tf.shape(ids_a)[0], -1, call_a.delta.shape[-1]])
+        delta_b = tf.reshape(call_b.delta, [tf.shape(ids_b)[0], -1, call_b.delta.shape[-1]])
+        return tf.reduce_sum(same_token * tf.einsum("ato,bso->abts", delta_a, delta_b), axis=[2, 3])
+
+
+RULES: tuple[LayerRule, ...] = (DenseRule(), ConvRule(), EmbeddingRule(), EinsumDenseRule())
+
+
+def rule_for(layer: keras.layers.Layer) -> LayerRule | None:
+    """The closed-form rule for ``layer``, or ``None`` if the layer type is not covered."""
+    for rule in RULES:
+        if rule.supports(layer):
+            return rule
+    return None
