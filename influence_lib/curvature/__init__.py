@@ -1,8 +1,10 @@
 """Curvature: the mean Hessian as an operator and the inverse-Hessian-vector-product calculators."""
+from .arnoldi import ArnoldiIHVP, arnoldi_iteration
 from .base import InverseHessianVectorProduct
 from .conjugate_gradient import ConjugateGradientDescentIHVP, batched_conjugate_gradient
 from .exact import ExactIHVP
 from .factory import (
+    ArnoldiIHVPFactory,
     CGDIHVPFactory,
     ExactIHVPFactory,
     IHVPCalculator,
@@ -14,6 +16,8 @@ from .hessian import HessianOperator
 from .lissa import LissaIHVP
 
 __all__ = [
+    "ArnoldiIHVP",
+    "ArnoldiIHVPFactory",
     "CGDIHVPFactory",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
@@ -24,6 +28,7 @@ __all__ = [
     "InverseHessianVectorProductFactory",
     "LissaIHVP",
     "LissaIHVPFactory",
+    "arnoldi_iteration",
     "batched_conjugate_gradient",
     "make_ihvp",
 ]

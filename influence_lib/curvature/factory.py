@@ -1,4 +1,9 @@
-"""Choose an IHVP calculator by name (``'exact' | 'cgd' | 'lissa'``), enum, or factory object."""
+"""Choose an IHVP calculator by name (``'exact' | 'cgd' | 'lissa' | 'arnoldi'``), enum, or factory object.
+
+Built from a name or enum member, each calculator uses its default settings; for ``'arnoldi'``
+that is a Krylov subspace of ``min(P, 200)`` dimensions with all its eigenpairs kept (so the
+exact (pseudo-)inverse when ``P ≤ 200``). Use :class:`ArnoldiIHVPFactory` to choose others.
+"""
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -6,6 +11,7 @@ from enum import Enum
 import tensorflow as tf
 
 from ..model.influence_model import InfluenceModel
+from .arnoldi import ArnoldiIHVP
 from .base import InverseHessianVectorProduct
 from .conjugate_gradient import ConjugateGradientDescentIHVP
 from .exact import ExactIHVP
@@ -18,11 +24,17 @@ class IHVPCalculator(Enum):
     Exact = ExactIHVP
     Cgd = ConjugateGradientDescentIHVP
     Lissa = LissaIHVP
+    Arnoldi = ArnoldiIHVP
 
     @staticmethod
     def from_string(ihvp_calculator: str) -> "IHVPCalculator":
-        """``'exact'``, ``'cgd'`` or ``'lissa'`` (case-insensitive) to the enum member."""
-        members = {"exact": IHVPCalculator.Exact, "cgd": IHVPCalculator.Cgd, "lissa": IHVPCalculator.Lissa}
+        """``'exact'``, ``'cgd'``, ``'lissa'`` or ``'arnoldi'`` (case-insensitive) to the enum member."""
+        members = {
+            "exact": IHVPCalculator.Exact,
+            "cgd": IHVPCalculator.Cgd,
+            "lissa": IHVPCalculator.Lissa,
+            "arnoldi": IHVPCalculator.Arnoldi,
+        }
         key = str(ihvp_calculator).lower()
         if key not in members:
             raise ValueError(f"Unknown IHVP calculator {ihvp_calculator!r}; choose one of {sorted(members)}.")
@@ -71,6 +83,30 @@ class LissaIHVPFactory(InverseHessianVectorProductFactory):
         return LissaIHVP(model, dataset, self.n_opt_iters, self.damping, self.scale)
 
 
+@dataclass(frozen=True)
+class ArnoldiIHVPFactory(InverseHessianVectorProductFactory):
+    """Builds :class:`ArnoldiIHVP` with the given settings (``None`` sizes: see :class:`ArnoldiIHVP`)."""
+
+    subspace_dim: int | None = None
+    k_largest_eig_vals: int | None = None
+    force_hermitian: bool = True
+    damping: float = 0.0
+    seed: int = 0
+    show_progress: bool = True
+
+    def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> ArnoldiIHVP:
+        return ArnoldiIHVP(
+            model,
+            dataset,
+            subspace_dim=self.subspace_dim,
+            force_hermitian=self.force_hermitian,
+            k_largest_eig_vals=self.k_largest_eig_vals,
+            damping=self.damping,
+            seed=self.seed,
+            show_progress=self.show_progress,
+        )
+
+
 def make_ihvp(
     calculator: "str | IHVPCalculator | InverseHessianVectorProduct | InverseHessianVectorProductFactory",
     model: InfluenceModel,
@@ -92,6 +128,6 @@ def make_ihvp(
     if isinstance(calculator, IHVPCalculator):
         return calculator.value(model, dataset, show_progress=show_progress)
     raise TypeError(
-        "ihvp_calculator must be 'exact', 'cgd', 'lissa', an IHVPCalculator, an InverseHessianVectorProduct "
+        "ihvp_calculator must be 'exact', 'cgd', 'lissa', 'arnoldi', an IHVPCalculator, an InverseHessianVectorProduct "
         f"or an InverseHessianVectorProductFactory; got {calculator!r}."
     )
