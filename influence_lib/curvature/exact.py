@@ -17,7 +17,7 @@ import tensorflow as tf
 from ..common.errors import NonFiniteError, SingularHessianError
 from ..model.influence_model import InfluenceModel
 from .base import InverseHessianVectorProduct
-from .hessian import HessianOperator
+from .hessian import HessianOperator, gauss_newton_hessian
 
 
 def pseudo_inverse(matrix: np.ndarray, damping: float) -> np.ndarray:
@@ -55,6 +55,11 @@ class ExactIHVP(InverseHessianVectorProduct):
         λ ≥ 0. ``0`` uses the pseudo-inverse; ``λ > 0`` inverts ``H + λI``.
     show_progress
         Show a progress bar while building the Hessian.
+    hessian
+        How ``H`` is built from ``train_dataset``: ``"exact"`` (default) from the jacobian of
+        each batch's gradient (or Hessian-vector products), any model; ``"gauss_newton"``
+        in closed form for a single last Dense layer under softmax cross-entropy, where it
+        equals the exact Hessian (see :func:`~influence_lib.curvature.hessian.gauss_newton_hessian`).
 
     Attributes
     ----------
@@ -71,11 +76,18 @@ class ExactIHVP(InverseHessianVectorProduct):
         train_hessian: tf.Tensor | np.ndarray | None = None,
         damping: float = 0.0,
         show_progress: bool = True,
+        hessian: str = "exact",
     ):
         super().__init__(model, train_dataset, damping)
         if (train_dataset is None) == (train_hessian is None):
             raise ValueError("Give exactly one of train_dataset (to compute the Hessian) or train_hessian.")
-        if train_dataset is not None:
+        if hessian not in ("exact", "gauss_newton"):
+            raise ValueError(f"hessian must be 'exact' or 'gauss_newton', got {hessian!r}.")
+        if hessian == "gauss_newton" and train_dataset is None:
+            raise ValueError("hessian='gauss_newton' builds the Hessian from train_dataset; give train_dataset.")
+        if train_dataset is not None and hessian == "gauss_newton":
+            hessian = gauss_newton_hessian(model, train_dataset, show_progress).numpy()
+        elif train_dataset is not None:
             hessian = HessianOperator(model, train_dataset, show_progress).dense().numpy()
         else:
             hessian = np.asarray(train_hessian)
