@@ -28,8 +28,9 @@ def save_vectors(batches: Iterable[tf.Tensor], path: str, fingerprint: dict) -> 
         json.dump({**fingerprint, "num_samples": sum(counts), "batch_sizes": counts}, handle)
 
 
-def load_vectors(path: str, fingerprint: dict) -> tf.data.Dataset:
-    """Load vectors saved by :func:`save_vectors`; raise if missing or made by something else."""
+def load_vectors(path: str, fingerprint: dict, batch_sizes: list[int]) -> tf.data.Dataset:
+    """Load vectors saved by :func:`save_vectors`; raise if missing, made by something else, or made
+    for a training set batched differently than ``batch_sizes``."""
     metadata_path = os.path.join(path, _METADATA)
     if not os.path.isdir(path) or not os.path.exists(metadata_path):
         raise FileNotFoundError(
@@ -42,4 +43,11 @@ def load_vectors(path: str, fingerprint: dict) -> tf.data.Dataset:
     if mismatched:
         details = ", ".join(f"{key}: cached {old!r} vs now {new!r}" for key, (old, new) in mismatched.items())
         raise ValueError(f"The influence-vector cache at {path!r} was made by a different setup ({details}).")
+    if metadata["batch_sizes"] != batch_sizes:
+        raise ValueError(
+            f"The training set does not match the influence-vector cache at {path!r}: the cache holds "
+            f"{metadata['num_samples']} vectors in {len(metadata['batch_sizes'])} batches, the training set "
+            f"has {sum(batch_sizes)} samples in {len(batch_sizes)} batches. Recompute the cache for this "
+            "training set (same samples, same batching, fixed order)."
+        )
     return tf.data.Dataset.load(path)

@@ -23,13 +23,14 @@ from .hessian import HessianOperator, gauss_newton_hessian
 def pseudo_inverse(matrix: np.ndarray, damping: float) -> np.ndarray:
     """Inverse of the symmetric ``matrix + damping·I`` via its eigendecomposition (float64).
 
-    Eigenvalues with magnitude below ``10·P·ε₃₂·max|λ|`` (``tf.linalg.pinv``'s default cut-off)
-    are treated as zero: dropped when ``damping == 0`` (pseudo-inverse), an error otherwise.
+    Eigenvalues with magnitude below ``10·P·ε₃₂·max(max|λ|, damping)`` (``tf.linalg.pinv``'s
+    default cut-off) are treated as zero: dropped when ``damping == 0`` (pseudo-inverse), an
+    error otherwise.
     """
     dim = matrix.shape[0]
     eigenvalues, eigenvectors = np.linalg.eigh(matrix.astype(np.float64) + damping * np.eye(dim))
-    largest = np.max(np.abs(eigenvalues)) if dim else 0.0
-    cutoff = 10.0 * dim * np.finfo(np.float32).eps * largest
+    scale = max(float(np.max(np.abs(eigenvalues))) if dim else 0.0, damping)
+    cutoff = 10.0 * dim * np.finfo(np.float32).eps * scale
     kept = np.abs(eigenvalues) > cutoff
     if damping > 0 and not kept.all():
         raise SingularHessianError(

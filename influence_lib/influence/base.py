@@ -210,7 +210,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             load_path = os.path.join(tempfile.mkdtemp(prefix="influence_vectors_"), "vectors")
             self._save_influence_vectors(train_set, load_path)
         if load_path is not None:
-            stored = load_vectors(load_path, self._cache_fingerprint())
+            batch_sizes = [batch_size_of(batch) for batch in iterate_batches(train_set, "train_set")]
+            stored = load_vectors(load_path, self._cache_fingerprint(), batch_sizes)
             if cache == CACHE.MEMORY:
                 stored = stored.cache()
             return lambda: _pair_with_batches(train_set, stored)

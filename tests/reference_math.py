@@ -1,0 +1,86 @@
+"""Independent float64 NumPy references for the tests: closed-form gradients and Hessians of tiny models.
+
+Flattening order matches InfluenceModel: each watched weight row-major, in layer order (kernel, bias).
+"""
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def softmax_regression(n: int = 64, d: int = 4, c: int = 3, seed: int = 0, batch_size: int = 16):
+    """A trained-ish Dense(c, softmax) on random inputs: model, dataset, x, y (one-hot)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    labels = rng.integers(0, c, size=n)
+    y = np.eye(c, dtype=np.float32)[labels]
+    model = keras.Sequential([keras.Input((d,)), keras.layers.Dense(c, activation="softmax")])
+    model.layers[-1].set_weights(
+        [rng.normal(scale=0.5, size=(d, c)).astype(np.float32), rng.normal(scale=0.1, size=c).astype(np.float32)]
+    )
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    return model, dataset, x, y
+
+
+def softmax_gradients(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Per-sample gradients of cross-entropy w.r.t. [kernel (d, c) row-major, bias (c)], shape (n, d·c + c)."""
+    x = x.astype(np.float64)
+    delta = softmax(x @ kernel + bias) - y
+    kernel_grads = np.einsum("nd,nc->ndc", x, delta).reshape(len(x), -1)
+    return np.concatenate([kernel_grads, delta], axis=1)
+
+
+def softmax_hessian(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Mean Hessian of cross-entropy w.r.t. [kernel, bias]: mean of (ã ãᵀ) ⊗ (diag p − p pᵀ), ã = [a; 1]."""
+    x = x.astype(np.float64)
+    p = softmax(x @ kernel + bias)
+    d, c = kernel.shape
+    hessian = np.zeros((d * c + c, d * c + c))
+    for features, probs in zip(x, p):
+        curvature = np.diag(probs) - np.outer(probs, probs)
+        kernel_block = np.kron(np.outer(features, features), curvature)
+        cross = np.kron(features[:, None], curvature)
+        hessian[: d * c, : d * c] += kernel_block
+        hessian[: d * c, d * c :] += cross
+        hessian[d * c :, : d * c] += cross.T
+        hessian[d * c :, d * c :] += curvature
+    return hessian / len(x)
+
+
+def pseudo_inverse(matrix: np.ndarray) -> np.ndarray:
+    return np.linalg.pinv(matrix, rcond=1e-8, hermitian=True)
+
+
+def linear_regression(n: int = 48, d: int = 5, outputs: int = 2, seed: int = 0, batch_size: int = 16):
+    """Dense(outputs) with per-sample mean squared error: its Hessian is (2/outputs)·(ã ãᵀ) ⊗ I, positive definite."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, d)) * np.linspace(0.5, 2.0, d)).astype(np.float32)
+    y = rng.normal(size=(n, outputs)).astype(np.float32)
+    model = keras.Sequential([keras.Input((d,)), keras.layers.Dense(outputs)])
+    model.layers[-1].set_weights(
+        [rng.normal(size=(d, outputs)).astype(np.float32), rng.normal(size=outputs).astype(np.float32)]
+    )
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    return model, dataset, x, y
+
+
+def mse_gradients(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Per-sample gradients of mean((x W + b − y)²) w.r.t. [kernel, bias]."""
+    x = x.astype(np.float64)
+    outputs = kernel.shape[1]
+    residual = 2.0 / outputs * (x @ kernel + bias - y)
+    kernel_grads = np.einsum("nd,no->ndo", x, residual).reshape(len(x), -1)
+    return np.concatenate([kernel_grads, residual], axis=1)
+
+
+def mse_hessian(x: np.ndarray, outputs: int) -> np.ndarray:
+    """Mean Hessian of mean squared error for a Dense layer: (2/outputs) · mean(ã ãᵀ) ⊗ I, in [kernel, bias] order."""
+    x = x.astype(np.float64)
+    n, d = x.shape
+    augmented = np.concatenate([x, np.ones((n, 1))], axis=1)
+    return np.kron(augmented.T @ augmented / n, np.eye(outputs)) * 2.0 / outputs
