@@ -1,0 +1,74 @@
+"""Self-influence from the distance of a sample to the decision boundary, in input space.
+
+DeepFool (Moosavi-Dezfooli et al., CVPR 2016) moves each training input ``x`` to the nearest
+point ``x_adv`` of the decision boundary of the trained classifier; the score is
+
+.. math::  s(x) = -\\|x - x_{adv}\\|_2
+
+so that samples close to the boundary — atypical or mislabeled ones, more so when the model
+overfits — get the highest self-influence. As in Influenciae, the attack starts from the class
+the model predicts, applies no overshoot, and the model's outputs (logits or probabilities, as
+the model returns them) are the class scores. Only self-influence is defined (no pairwise value).
+"""
+import keras
+import tensorflow as tf
+
+from ..common.datasets import Batch, check_dataset
+from ._deepfool import check_classifier_outputs, check_deepfool_arguments, deepfool
+from .base import SelfInfluenceCalculator
+
+
+class SampleBoundaryCalculator(SelfInfluenceCalculator):
+    """Minus the ℓ2 distance from each sample to the decision boundary (DeepFool in input space).
+
+    The whole batch is attacked at once: every sample takes its DeepFool steps together with the
+    others (one vectorized input-Jacobian per step), and samples that reached the boundary are
+    frozen by a mask. The model's weights are only read.
+
+    Parameters
+    ----------
+    model
+        A trained Keras classifier with a single input and one output per class (≥ 2 classes).
+    step_nbr
+        Maximum number of DeepFool steps per sample.
+    eps
+        A sample is on the boundary once its two largest outputs differ by at most ``eps``.
+    show_progress
+        Show a progress bar over the batches.
+    """
+
+    def __init__(self, model: keras.Model, step_nbr: int = 100, eps: float = 1e-6, show_progress: bool = True):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+        check_deepfool_arguments(step_nbr, eps)
+        symbolic_outputs = getattr(model, "outputs", None)
+        if symbolic_outputs:
+            check_classifier_outputs(symbolic_outputs[0], "The model")
+        self.model = model
+        self.step_nbr = step_nbr
+        self.eps = float(eps)
+        self.show_progress = show_progress
+
+    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
+        check_dataset(dataset, name)
+        if not isinstance(dataset.element_spec, tuple) or not isinstance(dataset.element_spec[0], tf.TensorSpec):
+            raise TypeError(f"{name} must yield (inputs, targets) tuples whose inputs are a single tensor.")
+
+    @tf.function(reduce_retracing=True)
+    def _boundary_distances(self, inputs: tf.Tensor) -> tf.Tensor:
+        inputs = tf.cast(inputs, tf.float32)
+        sample_shape = tf.shape(inputs)[1:]
+        batch = tf.shape(inputs)[0]
+
+        def outputs_of(points: tf.Tensor) -> tf.Tensor:
+            restored = tf.reshape(points, tf.concat([[batch], sample_shape], axis=0))
+            outputs = tf.cast(self.model(restored, training=False), tf.float32)
+            check_classifier_outputs(outputs, "The model")
+            return outputs
+
+        start = tf.reshape(inputs, [batch, -1])
+        reached = deepfool(outputs_of, start, self.step_nbr, self.eps, dual_q=2.0)
+        return tf.norm(reached - start, axis=1)
+
+    def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
+        return -self._boundary_distances(train_samples[0])
