@@ -1,0 +1,131 @@
+"""ArnoldiInfluenceCalculator against float64 NumPy: g_tᵀ (Σ_{top-k |λ|} u uᵀ/λ) g_z.
+
+L2-regularized softmax regression with features on very different scales (spread Hessian
+spectrum), so projecting on the k SMALLEST eigenvalues would fail these tests (checked).
+"""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from influence_lib.common.enums import CACHE, ORDER
+from influence_lib.influence import ArnoldiInfluenceCalculator, extract_only_values
+from influence_lib.model.influence_model import InfluenceModel
+
+L2 = 1e-2
+FEATURE_SCALES = np.array([0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
+
+
+def _softmax_problem(n=48, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, FEATURE_SCALES.size)) * FEATURE_SCALES).astype(np.float32)
+    y = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, n)]
+    model = keras.Sequential([keras.Input((FEATURE_SCALES.size,)), keras.layers.Dense(classes, activation="softmax")])
+    model.layers[-1].kernel.assign(rng.normal(scale=0.3, size=(FEATURE_SCALES.size, classes)).astype(np.float32))
+    model.layers[-1].bias.assign(rng.normal(scale=0.3, size=classes).astype(np.float32))
+    cross_entropy = keras.losses.CategoricalCrossentropy(reduction=None)
+    kernel, bias = model.layers[-1].kernel.value, model.layers[-1].bias.value
+
+    def loss(y_true, y_pred):
+        return cross_entropy(y_true, y_pred) + 0.5 * L2 * (tf.reduce_sum(kernel**2) + tf.reduce_sum(bias**2))
+
+    return InfluenceModel(model, loss_function=loss), x, y
+
+
+def _numpy_hessian_and_gradients(influence_model, x, y):
+    """Mean Hessian (P, P) and per-sample gradients (n, P), float64, θ = [vec(W) row-major, b]."""
+    kernel, bias = [w.numpy().astype(np.float64) for w in influence_model.weights]
+    x = x.astype(np.float64)
+    n, d = x.shape
+    c = bias.size
+    logits = x @ kernel + bias
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    jac = np.zeros((n, c, d * c + c))
+    for j in range(c):
+        jac[:, j, j : d * c : c] = x
+        jac[:, j, d * c + j] = 1.0
+    theta = np.concatenate([kernel.reshape(-1), bias])
+    curvature = np.einsum("nj,jk->njk", probs, np.eye(c)) - np.einsum("nj,nk->njk", probs, probs)
+    hessian = np.einsum("njp,njk,nkq->pq", jac, curvature, jac) / n + L2 * np.eye(theta.size)
+    gradients = np.einsum("njp,nj->np", jac, probs - y) + L2 * theta
+    return hessian, gradients
+
+
+def _projected_inverse(hessian, k, largest=True):
+    eigenvalues, eigenvectors = np.linalg.eigh(hessian)
+    order = np.argsort(-np.abs(eigenvalues))
+    chosen = order[:k] if largest else order[-k:]
+    return (eigenvectors[:, chosen] / eigenvalues[chosen]) @ eigenvectors[:, chosen].T
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    keras.utils.set_random_seed(0)
+    influence_model, x, y = _softmax_problem()
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    calculator = ArnoldiInfluenceCalculator(
+        influence_model, train, subspace_dim=18, k_largest_eig_vals=7, dtype=tf.float64, show_progress=False
+    )
+    hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y)
+    return calculator, train, x, y, hessian, gradients
+
+
+def test_pairwise_influence_matches_top_k_projection(fitted):
+    calculator, train, x, y, hessian, gradients = fitted
+    evaluate = tf.data.Dataset.from_tensor_slices((x[:10], y[:10])).batch(4)
+    values = np.concatenate(
+        [np.concatenate([v.numpy() for _, v in per_train], axis=1)
+         for _, per_train in calculator.estimate_influence_values_in_batches(evaluate, train)],
+        axis=0,
+    )
+    expected = gradients[:10] @ _projected_inverse(hessian, 7) @ gradients.T
+    wrong_end = gradients[:10] @ _projected_inverse(hessian, 7, largest=False) @ gradients.T
+    tolerance = 1e-2 * np.abs(expected).max()
+    np.testing.assert_allclose(values, expected, atol=tolerance)
+    assert np.abs(wrong_end - expected).max() > 20 * tolerance
+
+
+def test_self_influence_and_top_k(fitted):
+    calculator, train, _, _, hessian, gradients = fitted
+    values = extract_only_values(calculator.compute_influence_values(train)).numpy()
+    expected = np.einsum("np,pq,nq->n", gradients, _projected_inverse(hessian, 7), gradients)
+    np.testing.assert_allclose(values, expected, rtol=1e-2, atol=1e-3 * expected.max())
+    top = calculator.compute_top_k_from_training_dataset(train, 5, ORDER.DESCENDING)
+    np.testing.assert_array_equal(np.sort(top.indices.numpy()), np.sort(np.argsort(-expected)[:5]))
+
+
+def test_influence_vectors_are_k_dimensional_and_cached_on_disk(fitted, tmp_path):
+    calculator, train, x, y, hessian, gradients = fitted
+    assert calculator.eig_vals.shape == (7,) and calculator.G.shape == (7, 21)
+    vectors = np.concatenate([v.numpy() for _, v in calculator.compute_influence_vector(train)])
+    assert vectors.shape == (48, 7)
+    evaluate = tf.data.Dataset.from_tensor_slices((x[:3], y[:3])).batch(3)
+    results = list(calculator.top_k(evaluate, train, k=4, influence_vector_in_cache=CACHE.DISK))
+    expected = gradients[:3] @ _projected_inverse(hessian, 7) @ gradients.T
+    np.testing.assert_allclose(
+        results[0][1].numpy(), -np.sort(-expected, axis=1)[:, :4], rtol=1e-2, atol=1e-2 * np.abs(expected).max()
+    )
+
+
+def test_full_subspace_equals_exact_influence():
+    influence_model, x, y = _softmax_problem(n=32)
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    calculator = ArnoldiInfluenceCalculator(influence_model, train, subspace_dim=21, show_progress=False)
+    hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y)
+    values = extract_only_values(calculator.compute_influence_values(train)).numpy()
+    expected = np.einsum("np,pq,nq->n", gradients, np.linalg.inv(hessian), gradients)
+    np.testing.assert_allclose(values, expected, rtol=5e-3)
+
+
+def test_bad_inputs_raise():
+    influence_model, x, y = _softmax_problem(n=16)
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    with pytest.raises(TypeError, match="InfluenceModel"):
+        ArnoldiInfluenceCalculator(influence_model.model, train, subspace_dim=4)
+    with pytest.raises(ValueError, match="subspace_dim"):
+        ArnoldiInfluenceCalculator(influence_model, train, subspace_dim=100, show_progress=False)
+    with pytest.raises(ValueError, match="unbatched"):
+        ArnoldiInfluenceCalculator(
+            influence_model, tf.data.Dataset.from_tensor_slices((x, y)), subspace_dim=4, show_progress=False
+        )
