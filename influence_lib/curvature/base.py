@@ -60,8 +60,13 @@ class InverseHessianVectorProduct(ABC):
                 f"Expected vectors of shape (batch, {self.model.nb_params}) — one entry per watched parameter — "
                 f"got shape {tuple(vectors.shape)}."
             )
-        if not bool(tf.reduce_all(tf.math.is_finite(vectors))):
-            raise NonFiniteError("The vectors (gradients) passed to the IHVP contain NaN or infinite values.")
+        finite_rows = tf.reduce_all(tf.math.is_finite(vectors), axis=1)
+        if not bool(tf.reduce_all(finite_rows)):
+            rows = tf.where(~finite_rows)[:, 0].numpy().tolist()[:10]
+            raise NonFiniteError(
+                f"The vectors (gradients) passed to the IHVP contain NaN or infinite values at rows {rows} of the "
+                "batch: check those samples' inputs and labels."
+            )
         return vectors
 
     def _vectors_of(self, group_batch: Batch, use_gradient: bool) -> tf.Tensor:

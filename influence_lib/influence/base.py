@@ -19,6 +19,7 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from itertools import zip_longest
 
 import tensorflow as tf
@@ -43,6 +44,15 @@ def _check_finite(values: tf.Tensor, first_index: int, what: str) -> tf.Tensor:
             "finite (check those inputs and labels), or the Hessian is ill-conditioned (use damping)."
         )
     return values
+
+
+@contextmanager
+def _located(first_index: int):
+    """Prefix a NonFiniteError raised while processing a batch with the batch's first training index."""
+    try:
+        yield
+    except NonFiniteError as error:
+        raise NonFiniteError(f"In the training batch starting at sample {first_index}: {error}") from error
 
 
 def extract_only_values(dataset: tf.data.Dataset) -> tf.Tensor:
@@ -85,7 +95,8 @@ class SelfInfluenceCalculator(ABC):
             iterate_batches(train_set, "train_set"), self.show_progress, "Self-influence", known_cardinality(train_set)
         )
         for batch in batches:
-            values = tf.cast(tf.reshape(self._compute_influence_value_from_batch(batch), [-1]), VALUE_DTYPE)
+            with _located(offset):
+                values = tf.cast(tf.reshape(self._compute_influence_value_from_batch(batch), [-1]), VALUE_DTYPE)
             yield batch, _check_finite(values, offset, "Self-influence values")
             offset += batch_size_of(batch)
 
@@ -158,7 +169,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             known_cardinality(train_set),
         )
         for batch in batches:
-            vectors = tf.cast(self._compute_influence_vector(batch), VALUE_DTYPE)
+            with _located(offset):
+                vectors = tf.cast(self._compute_influence_vector(batch), VALUE_DTYPE)
             yield batch, _check_finite(vectors, offset, "Influence vectors")
             offset += batch_size_of(batch)
 
