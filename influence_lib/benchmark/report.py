@@ -1,0 +1,66 @@
+"""Benchmark results as a text table (plain or Markdown) and as JSON."""
+import json
+from collections.abc import Mapping
+
+import numpy as np
+
+from .evaluator import MethodResult
+
+
+def _row(result: MethodResult) -> list[str]:
+    return [
+        result.name,
+        f"{result.roc_auc_mean:.3f} ± {result.roc_auc_std:.3f}",
+        f"{result.curve_area_mean:.3f} ± {result.curve_area_std:.3f}",
+        f"{result.seconds_mean:.1f} ± {result.seconds_std:.1f}",
+    ]
+
+
+HEADER = ["method", "ROC-AUC", "detection-curve area", "time (s)"]
+
+
+def results_table(results: Mapping[str, MethodResult], markdown: bool = False) -> str:
+    """The results as a table, one method per row (mean ± std over the seeds), best ROC-AUC first."""
+    ordered = sorted(results.values(), key=lambda result: -result.roc_auc_mean)
+    rows = [HEADER] + [_row(result) for result in ordered]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        lines.insert(1, "|" + "|".join("---" for _ in HEADER) + "|")
+        return "\n".join(lines)
+    widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def results_to_dict(results: Mapping[str, MethodResult], config: Mapping | None = None) -> dict:
+    """A JSON-serializable summary: config, per-method mean/std and per-seed numbers and curves."""
+    methods = {}
+    for name, result in results.items():
+        methods[name] = {
+            "roc_auc_mean": result.roc_auc_mean,
+            "roc_auc_std": result.roc_auc_std,
+            "curve_area_mean": result.curve_area_mean,
+            "curve_area_std": result.curve_area_std,
+            "seconds_mean": result.seconds_mean,
+            "seconds_std": result.seconds_std,
+            "mean_fraction_found": np.round(result.mean_fraction_found, 6).tolist(),
+            "runs": [
+                {
+                    "seed": run.seed,
+                    "roc_auc": run.roc_auc,
+                    "curve_area": run.curve_area,
+                    "seconds": run.seconds,
+                    "train_accuracy": run.train_accuracy,
+                    "test_accuracy": run.test_accuracy,
+                }
+                for run in result.runs
+            ],
+        }
+    return {"config": dict(config or {}), "methods": methods}
+
+
+def save_json(results: Mapping[str, MethodResult], path: str, config: Mapping | None = None) -> None:
+    """Write :func:`results_to_dict` to ``path``."""
+    with open(path, "w", encoding="utf-8") as stream:
+        json.dump(results_to_dict(results, config), stream, indent=2)

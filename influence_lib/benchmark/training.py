@@ -1,0 +1,111 @@
+"""Training procedures for the benchmark: how the model whose training data is audited gets trained."""
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+
+@dataclass
+class TrainedModel:
+    """A model trained on noisy labels, with what some methods need besides the final weights.
+
+    Attributes
+    ----------
+    model
+        The trained Keras model (softmax outputs).
+    train_accuracy, test_accuracy
+        Accuracy on the (noisy) training labels and on the clean test set.
+    seed
+        Seed of the run (methods with randomness, e.g. the random baseline, use it).
+    checkpoint_directory
+        Where the TracIn checkpoint callback saved its checkpoints (None when not asked).
+    checkpoint_callback
+        The :class:`~influence_lib.influence.tracin_checkpoint.TracInCheckpoint` used (None when not asked).
+    """
+
+    model: keras.Model
+    train_accuracy: float
+    test_accuracy: float
+    seed: int
+    checkpoint_directory: str | None = None
+    checkpoint_callback: object | None = field(default=None, repr=False)
+
+
+class TrainingProcedure(ABC):
+    """How to train a model for the benchmark."""
+
+    @abstractmethod
+    def train(
+        self,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        x_test: np.ndarray,
+        y_test: np.ndarray,
+        seed: int,
+        checkpoint_directory: str | None = None,
+    ) -> TrainedModel:
+        """Train on ``(x_train, y_train)`` (one-hot labels) from seed ``seed``; evaluate on the test set.
+
+        When ``checkpoint_directory`` is given, save TracIn checkpoints there (with
+        :class:`~influence_lib.influence.tracin_checkpoint.TracInCheckpoint`).
+        """
+
+
+def _tracin_checkpoint_callback(directory: str, every_n_epochs: int):
+    try:
+        from ..influence.tracin_checkpoint import TracInCheckpoint
+    except ImportError as error:
+        raise ImportError(
+            "Saving TracIn checkpoints needs influence_lib.influence.tracin_checkpoint, which this "
+            "installation does not have."
+        ) from error
+    return TracInCheckpoint(directory, every_n_epochs=every_n_epochs)
+
+
+@dataclass
+class MLPTrainingProcedure(TrainingProcedure):
+    """A multilayer perceptron ``Flatten → Dense(h, relu)… → Dense(classes, softmax)`` trained with Adam.
+
+    Parameters
+    ----------
+    hidden_units
+        Width of each hidden layer.
+    epochs, batch_size, learning_rate
+        Adam training settings (categorical cross-entropy on the softmax outputs).
+    checkpoint_every_n_epochs
+        Period of the TracIn checkpoints, when they are asked for.
+    """
+
+    hidden_units: Sequence[int] = (128,)
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    checkpoint_every_n_epochs: int = 5
+
+    def build_model(self, input_shape: tuple[int, ...], nb_classes: int) -> keras.Model:
+        """The untrained MLP for inputs of ``input_shape`` and ``nb_classes`` classes."""
+        layers = [keras.Input(shape=input_shape), keras.layers.Flatten()]
+        layers += [keras.layers.Dense(units, activation="relu") for units in self.hidden_units]
+        layers.append(keras.layers.Dense(nb_classes, activation="softmax"))
+        return keras.Sequential(layers)
+
+    def train(self, x_train, y_train, x_test, y_test, seed, checkpoint_directory=None) -> TrainedModel:
+        keras.utils.set_random_seed(seed)
+        model = self.build_model(tuple(x_train.shape[1:]), int(y_train.shape[1]))
+        model.compile(
+            optimizer=keras.optimizers.Adam(self.learning_rate), loss="categorical_crossentropy", metrics=["accuracy"]
+        )
+        callbacks, checkpoint_callback = [], None
+        if checkpoint_directory is not None:
+            os.makedirs(checkpoint_directory, exist_ok=True)
+            checkpoint_callback = _tracin_checkpoint_callback(checkpoint_directory, self.checkpoint_every_n_epochs)
+            callbacks.append(checkpoint_callback)
+        model.fit(
+            x_train, y_train, batch_size=self.batch_size, epochs=self.epochs, verbose=0, shuffle=True, callbacks=callbacks
+        )
+        train_accuracy = float(model.evaluate(x_train, y_train, batch_size=512, verbose=0)[1])
+        test_accuracy = float(model.evaluate(x_test, y_test, batch_size=512, verbose=0)[1])
+        return TrainedModel(model, train_accuracy, test_accuracy, seed, checkpoint_directory, checkpoint_callback)

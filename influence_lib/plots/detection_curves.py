@@ -1,0 +1,50 @@
+"""Detection curves: fraction of the flipped labels found vs fraction of the training data inspected."""
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._backend import use_agg_without_display
+
+use_agg_without_display()
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_detection_curves(results: Mapping, mislabeling_ratio: float | None = None, title: str | None = None):
+    """One curve per method (mean over seeds), with the random and the perfect detector for reference.
+
+    Parameters
+    ----------
+    results
+        Method name → :class:`~influence_lib.benchmark.evaluator.MethodResult`, or → a 1-D array
+        of fraction found at ``k = 0 … n`` inspected samples.
+    mislabeling_ratio
+        Fraction of flipped labels: draws the perfect detector's curve ``min(1, x / ratio)``.
+    title
+        Figure title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    figure, axes = plt.subplots(figsize=(6.4, 4.8))
+    for name, result in results.items():
+        found = np.asarray(getattr(result, "mean_fraction_found", result), dtype=np.float64)
+        if found.ndim != 1 or found.size < 2:
+            raise ValueError(f"The detection curve of {name!r} must be a 1-D array of at least two points.")
+        inspected = np.linspace(0.0, 1.0, found.size)
+        label = name
+        if hasattr(result, "roc_auc_mean"):
+            label = f"{name} (AUC {result.roc_auc_mean:.3f})"
+        axes.plot(inspected, found, label=label)
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random")
+    if mislabeling_ratio is not None:
+        axes.plot([0, mislabeling_ratio, 1], [0, 1, 1], color="black", linestyle="--", label="perfect")
+    axes.set_xlabel("fraction of the training data inspected")
+    axes.set_ylabel("fraction of the flipped labels found")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="lower right")
+    axes.set_title(title or "Mislabel detection by descending score")
+    figure.tight_layout()
+    return figure
