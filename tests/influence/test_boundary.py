@@ -60,7 +60,7 @@ def test_weights_boundary_matches_the_analytic_distance_for_a_linear_head():
         [keras.Input((3,)), keras.layers.Dense(5, activation="relu"), keras.layers.Dense(4)]
     )
     x = np.random.normal(size=(9, 3))
-    features = keras.Model(model.inputs, model.layers[-1].input)(x.astype(np.float32)).numpy().astype(np.float64)
+    features = keras.Model(model.inputs[0], model.layers[-1].input)(x.astype(np.float32)).numpy().astype(np.float64)
     kernel, bias = (w.numpy().astype(np.float64) for w in model.layers[-1].weights)
     logits = features @ kernel + bias
     gaps = np.abs(logits - logits[np.arange(len(x)), logits.argmax(1)][:, None])

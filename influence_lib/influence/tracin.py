@@ -1,0 +1,192 @@
+"""TracIn (Pruthi, Liu, Kale & Sundararajan, "Estimating Training Data Influence by Tracing
+Gradient Descent", NeurIPS 2020), checkpoint version TracInCP.
+
+.. math::  \\operatorname{TracIn}(z, t) = \\sum_{c} \\eta_c\\,
+           \\langle \\nabla_\\theta \\ell(t; \\theta_c), \\nabla_\\theta \\ell(z; \\theta_c) \\rangle,
+           \\qquad \\operatorname{TracIn}(z, z) = \\sum_c \\eta_c \\|\\nabla_\\theta \\ell(z; \\theta_c)\\|^2
+
+over checkpoints ``θ_c`` saved during training with the learning rate ``η_c`` in use there, the
+gradients taken w.r.t. the weights each :class:`InfluenceModel` watches. Positive: the training
+sample ``z`` pushed the loss on ``t`` down during training (a proponent); negative: an opponent.
+
+Same numbers as Influenciae's ``TracIn`` (which scales both sides by ``√η_c``) and Captum's
+``TracInCP``. Here the influence vector is ``ψ(z) = concat_c(η_c g_c(z))`` and the preprocessed
+sample ``φ(t) = concat_c g_c(t)``, so ``⟨φ(t), ψ(z)⟩`` is exact for any sign of ``η_c``, and the
+self-influence uses :meth:`InfluenceModel.batch_gradient_norm_sq_tensor` per checkpoint (no
+per-sample gradient matrix where the model has a closed form).
+"""
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..common.datasets import Batch
+from ..common.progress import progress
+from ..model.influence_model import InfluenceModel
+from .base import BaseInfluenceCalculator
+from .tracin_checkpoint import TracInCheckpoint
+
+
+def _learning_rates_for(learning_rates: float | Sequence[float], nb_models: int) -> list[float]:
+    if isinstance(learning_rates, (int, float, np.floating, np.integer)) and not isinstance(learning_rates, bool):
+        rates = [float(learning_rates)] * nb_models
+    elif isinstance(learning_rates, Sequence) and not isinstance(learning_rates, str):
+        rates = [float(rate) for rate in learning_rates]
+        if len(rates) != nb_models:
+            raise ValueError(
+                f"Got {len(rates)} learning rates for {nb_models} checkpoints: pass one learning rate per "
+                "checkpoint, in the same order, or a single float for all of them."
+            )
+    else:
+        raise TypeError(f"learning_rates must be a float or a list of floats, got {type(learning_rates).__name__}.")
+    if not all(np.isfinite(rate) and rate > 0 for rate in rates):
+        raise ValueError(f"learning rates must be positive finite numbers, got {rates}.")
+    return rates
+
+
+class TracIn(BaseInfluenceCalculator):
+    """TracInCP: the learning-rate-weighted sum over checkpoints of gradient dot products.
+
+    Parameters
+    ----------
+    models
+        One :class:`InfluenceModel` per checkpoint (same watched layers and loss in each).
+    learning_rates
+        The learning rate at each checkpoint (a list as long as ``models``), or one for all.
+    show_progress
+        Show progress bars.
+
+    Attributes
+    ----------
+    models, learning_rates
+        The checkpoints and their learning rates.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[InfluenceModel],
+        learning_rates: float | Sequence[float],
+        show_progress: bool = True,
+    ):
+        if isinstance(models, InfluenceModel) or not isinstance(models, Sequence) or not models:
+            raise TypeError("models must be a non-empty list of InfluenceModel, one per checkpoint.")
+        for model in models:
+            if not isinstance(model, InfluenceModel):
+                raise TypeError(f"models must contain InfluenceModel objects, got {type(model).__name__}.")
+        self.models = list(models)
+        self.learning_rates = _learning_rates_for(learning_rates, len(self.models))
+        self.show_progress = show_progress
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        model: keras.Model,
+        paths: Sequence[str],
+        learning_rates: float | Sequence[float],
+        show_progress: bool = True,
+        **influence_model_kwargs,
+    ) -> "TracIn":
+        """TracIn over Keras weight files (``.weights.h5``) saved from ``model``'s architecture.
+
+        Each checkpoint is loaded into its own clone of ``model`` (``keras.models.clone_model``);
+        ``model`` itself is left untouched.
+
+        Parameters
+        ----------
+        model
+            A model with the architecture the weights were saved from.
+        paths
+            The weight files, in training order.
+        learning_rates
+            The learning rate at each checkpoint, or one for all.
+        show_progress
+            Show progress bars.
+        **influence_model_kwargs
+            Passed to every :class:`InfluenceModel` (``start_layer``, ``loss_function``, ...).
+        """
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+        if isinstance(paths, str) or not isinstance(paths, Sequence) or not paths:
+            raise ValueError("paths must be a non-empty list of weight files (.weights.h5), one per checkpoint.")
+        rates = _learning_rates_for(learning_rates, len(paths))
+        models = []
+        for path in progress(paths, show_progress, "Loading checkpoints"):
+            clone = keras.models.clone_model(model)
+            clone.load_weights(path)
+            models.append(InfluenceModel(clone, **influence_model_kwargs))
+        return cls(models, rates, show_progress=show_progress)
+
+    @classmethod
+    def from_callback(
+        cls,
+        callback: TracInCheckpoint,
+        model: keras.Model | None = None,
+        show_progress: bool = True,
+        **influence_model_kwargs,
+    ) -> "TracIn":
+        """TracIn over the checkpoints and learning rates a :class:`TracInCheckpoint` recorded.
+
+        Parameters
+        ----------
+        callback
+            The callback passed to ``model.fit``.
+        model
+            The architecture to load the checkpoints into; default: the model the callback was
+            attached to (cloned, never modified).
+        show_progress
+            Show progress bars.
+        **influence_model_kwargs
+            Passed to every :class:`InfluenceModel`.
+        """
+        if not isinstance(callback, TracInCheckpoint):
+            raise TypeError(f"callback must be a TracInCheckpoint, got {type(callback).__name__}.")
+        if not callback.checkpoints:
+            raise ValueError(
+                "The callback recorded no checkpoint: pass it to model.fit(..., callbacks=[callback]) and train "
+                "for at least every_n_epochs epochs (or every_n_steps steps)."
+            )
+        model = callback.model if model is None else model
+        paths = [path for path, _ in callback.checkpoints]
+        rates = [rate for _, rate in callback.checkpoints]
+        return cls.from_checkpoints(model, paths, rates, show_progress=show_progress, **influence_model_kwargs)
+
+    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
+        self.models[0].check_dataset(dataset, name)
+
+    def _cache_fingerprint(self) -> dict:
+        return {
+            **super()._cache_fingerprint(),
+            "nb_params": [model.nb_params for model in self.models],
+            "learning_rates": self.learning_rates,
+        }
+
+    def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
+        return tf.concat([model.batch_jacobian_tensor(samples) for model in self.models], axis=1)
+
+    def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
+        return tf.concat(
+            [rate * model.batch_jacobian_tensor(train_samples) for model, rate in zip(self.models, self.learning_rates)],
+            axis=1,
+        )
+
+    def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
+        return tf.add_n(
+            [
+                rate * model.batch_gradient_norm_sq_tensor(train_samples)
+                for model, rate in zip(self.models, self.learning_rates)
+            ]
+        )
+
+    def influence_between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
+        """TracIn of every training sample of one batch on every sample of another, shape ``(test, train)``.
+
+        Uses :meth:`InfluenceModel.batch_gradient_dot_tensor` per checkpoint (closed forms where the
+        model has them), without building influence vectors.
+        """
+        return tf.add_n(
+            [
+                rate * model.batch_gradient_dot_tensor(tuple(samples_to_evaluate), tuple(train_samples))
+                for model, rate in zip(self.models, self.learning_rates)
+            ]
+        )
