@@ -1,0 +1,280 @@
+"""Representer Point Selection with an L2-regularized last layer (Yeh, Kim, Yen & Ravikumar,
+"Representer Point Selection for Explaining Deep Neural Networks", NeurIPS 2018).
+
+With ``f_i = Φ(x_i)`` the input of the final Dense layer (the features) and ``y_i`` the trained
+model's outputs on the training set, a surrogate last layer ``W*`` (no bias) is fitted to
+
+.. math::  J(W) = \\frac{1}{n}\\sum_{i=1}^n \\ell\\big(y_i, \\sigma(f_i W)\\big) + \\lambda \\|W\\|_F^2
+
+(``σ`` the activation of the original layer, ``ℓ`` the given loss). At its stationary point
+``∇J(W*) = 0`` the representer theorem holds exactly:
+
+.. math::  W^* = \\sum_i f_i^\\top \\alpha_i,\\qquad
+           \\alpha_i = -\\frac{1}{2\\lambda n}\\,\\frac{\\partial \\ell(y_i, \\sigma(z))}{\\partial z}\\Big|_{z = f_i W^*},
+           \\qquad f_t W^* = \\sum_i \\alpha_i \\langle f_i, f_t \\rangle
+
+so the surrogate's logit of class ``c`` on a sample ``t`` decomposes over the training samples;
+the influence of training sample ``i`` on ``t`` is ``α_i[c] ⟨f_i, f_t⟩`` with ``c`` the class the
+original model predicts for ``t`` (the prediction being explained, as in Yeh et al. and
+Influenciae). The self-influence of a training sample is ``α_i[y_i] ‖f_i‖²`` with ``y_i`` its
+label in the training set: how much the sample's own label is held up by the sample itself —
+large for samples the regularized layer cannot explain from the others (mislabeled ones).
+
+Differences with Influenciae (deliberate): the L2 term is part of the fitted objective (Influenciae
+fits an unregularized MSE to the logits, so its ``α`` does not satisfy the theorem) and ``α_i`` is
+not divided by the features.
+
+Fitting: deterministic full-batch Newton's method on the strongly convex ``J`` — each Newton
+direction solved by conjugate gradients on exact Hessian-vector products, the step chosen by an
+Armijo backtracking line search whose step shrinks by ``scaling_factor``. The features and model
+outputs of the training set are held in memory (``n × (d + C)`` floats) during the fit.
+"""
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..common.datasets import Batch, check_dataset, iterate_batches
+from ..common.progress import progress
+from ..model.influence_model import _check_unreduced
+from ._dense_head import DenseHead, label_classes, split_dense_head
+from .base import BaseInfluenceCalculator
+
+_ARMIJO_FRACTION = 1e-4
+_MAX_BACKTRACKS = 40
+
+
+def check_positive(value: float, name: str) -> float:
+    """Return ``value`` as a float if it is a positive finite number, else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}.")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+    return float(value)
+
+
+def _conjugate_gradient(hvp: Callable[[tf.Tensor], tf.Tensor], rhs: tf.Tensor, iterations: int) -> tf.Tensor:
+    """Solve ``A x = rhs`` (A symmetric positive definite, given by ``hvp``) with plain CG, in graph."""
+    target = 1e-12 * tf.reduce_sum(rhs * rhs)
+
+    def keep_going(step, solution, residual, direction, residual_sq):
+        return tf.logical_and(step < iterations, residual_sq > target)
+
+    def iterate(step, solution, residual, direction, residual_sq):
+        product = hvp(direction)
+        size = residual_sq / tf.reduce_sum(direction * product)
+        solution = solution + size * direction
+        residual = residual - size * product
+        new_residual_sq = tf.reduce_sum(residual * residual)
+        direction = residual + (new_residual_sq / residual_sq) * direction
+        return step + 1, solution, residual, direction, new_residual_sq
+
+    start = (tf.constant(0), tf.zeros_like(rhs), rhs, rhs, tf.reduce_sum(rhs * rhs))
+    return tf.while_loop(keep_going, iterate, start)[1]
+
+
+class RepresenterPointL2(BaseInfluenceCalculator):
+    """Representer points of an L2-regularized surrogate of the last layer (Yeh et al. 2018).
+
+    Parameters
+    ----------
+    model
+        A trained Keras classifier (Functional or Sequential) whose output layer is Dense.
+    train_set
+        Batched training set ``(x, y[, sample_weight])`` in a fixed order; ``y`` are labels (one-hot or
+        sparse), used for the self-influence class.
+    loss_function
+        Unreduced loss ``ℓ(y_model, σ(f W))`` of the surrogate, comparing the model's outputs (as
+        targets) with the surrogate's: e.g. ``CategoricalCrossentropy(reduction=None)`` for a softmax
+        model (Yeh et al.'s soft-label cross-entropy).
+    lambda_regularization
+        ``λ > 0``, weight of ``‖W‖²`` in the fitted objective.
+    scaling_factor
+        Backtracking factor in (0, 1) of the Armijo line search of the Newton iterations.
+    epochs
+        Maximum number of Newton iterations (each a full pass over the features; usually < 20 needed).
+    layer_index
+        Index or name of the final Dense layer (the model's output layer).
+    show_progress
+        Show progress bars.
+
+    Attributes
+    ----------
+    kernel
+        The fitted surrogate kernel ``W*``, shape ``(d, C)``.
+    fit_gradient_norm
+        ``‖∇J(W*)‖`` at the end of the fit: the representer decomposition is exact up to
+        ``fit_gradient_norm / (2λ)`` in ``W``.
+    n_train
+        Number of training samples ``n``.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        train_set: tf.data.Dataset,
+        loss_function: Callable,
+        lambda_regularization: float,
+        scaling_factor: float = 0.1,
+        epochs: int = 100,
+        layer_index: int | str = -1,
+        show_progress: bool = True,
+    ):
+        self.head: DenseHead = split_dense_head(model, layer_index)
+        check_dataset(train_set, "train_set")
+        _check_unreduced(loss_function)
+        self.lambda_regularization = check_positive(lambda_regularization, "lambda_regularization")
+        if not 0 < scaling_factor < 1:
+            raise ValueError(f"scaling_factor must be in (0, 1), got {scaling_factor!r}.")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}.")
+        self.model = model
+        self.train_set = train_set
+        self.loss_function = loss_function
+        self.scaling_factor = float(scaling_factor)
+        self.epochs = epochs
+        self.show_progress = show_progress
+        self.nb_classes = int(self.head.layer.units)
+        features, targets = self._features_and_targets(train_set)
+        self.n_train = int(features.shape[0])
+        self.kernel, self.fit_gradient_norm = self._fit(features, targets)
+
+    def _features_and_targets(self, dataset: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
+        features, targets = [], []
+        for batch in iterate_batches(dataset, "train_set"):
+            batch_features, batch_targets = self._features_and_outputs(batch[0])
+            features.append(batch_features)
+            targets.append(batch_targets)
+        return tf.concat(features, axis=0), tf.concat(targets, axis=0)
+
+    @tf.function(reduce_retracing=True)
+    def _features_and_outputs(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
+        features = tf.cast(self.head.features(inputs, training=False), tf.float32)
+        outputs = tf.cast(self.model(inputs, training=False), tf.float32)
+        return features, outputs
+
+    def _losses(self, targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+        losses = self.loss_function(targets, self.head.activation(logits))
+        if losses.shape.rank > 1:
+            losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
+        return losses
+
+    def _fit(self, features: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, float]:
+        lam = self.lambda_regularization
+        cg_iterations = int(min(features.shape[1] * self.nb_classes, 200))
+
+        @tf.function
+        def objective(kernel):
+            return tf.reduce_mean(self._losses(targets, features @ kernel)) + lam * tf.reduce_sum(kernel * kernel)
+
+        @tf.function
+        def value_and_gradient(kernel):
+            with tf.GradientTape() as tape:
+                tape.watch(kernel)
+                value = objective(kernel)
+            return value, tape.gradient(value, kernel)
+
+        @tf.function
+        def newton_direction(kernel, gradient):
+            def hvp(direction):
+                with tf.GradientTape() as outer:
+                    outer.watch(kernel)
+                    with tf.GradientTape() as inner:
+                        inner.watch(kernel)
+                        value = objective(kernel)
+                    projection = tf.reduce_sum(inner.gradient(value, kernel) * direction)
+                return outer.gradient(projection, kernel)
+
+            return _conjugate_gradient(hvp, -gradient, cg_iterations)
+
+        kernel = tf.zeros([features.shape[1], self.nb_classes], tf.float32)
+        value, gradient = value_and_gradient(kernel)
+        for _ in progress(range(self.epochs), self.show_progress, "Fitting the L2 surrogate"):
+            direction = newton_direction(kernel, gradient)
+            slope = float(tf.reduce_sum(gradient * direction))
+            if not slope < 0:
+                break
+            step = 1.0
+            for _ in range(_MAX_BACKTRACKS):
+                candidate = kernel + step * direction
+                candidate_value = objective(candidate)
+                if float(candidate_value) <= float(value) + _ARMIJO_FRACTION * step * slope:
+                    break
+                step *= self.scaling_factor
+            else:
+                break
+            kernel = candidate
+            value, gradient = value_and_gradient(kernel)
+            if float(tf.norm(gradient)) <= 1e-6:
+                break
+        return kernel, float(tf.norm(gradient))
+
+    @tf.function(reduce_retracing=True)
+    def _alpha(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
+        """Features ``(B, d)`` and representer values ``α`` ``(B, C)`` of a batch of training inputs."""
+        features, targets = self._features_and_outputs(inputs)
+        logits = features @ self.kernel
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            total = tf.reduce_sum(self._losses(targets, logits))
+        loss_gradient = tape.gradient(total, logits)
+        return features, -loss_gradient / (2.0 * self.lambda_regularization * self.n_train)
+
+    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
+        check_dataset(dataset, name)
+
+    def _cache_fingerprint(self) -> dict:
+        return {
+            **super()._cache_fingerprint(),
+            "lambda": self.lambda_regularization,
+            "n_train": self.n_train,
+            "kernel_checksum": float(tf.reduce_sum(self.kernel)),
+        }
+
+    def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
+        """``ψ(i) = [f_i, α_i]``, shape ``(B, d + C)``."""
+        features, alpha = self._alpha(train_samples[0])
+        return tf.concat([features, alpha], axis=1)
+
+    def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
+        """``φ(t) = [f_t, e_c]`` with ``c`` the class the model predicts for ``t``, shape ``(B, d + C)``."""
+        features, outputs = self._features_and_outputs(samples[0])
+        predicted = tf.one_hot(tf.argmax(outputs, axis=1), self.nb_classes, dtype=features.dtype)
+        return tf.concat([features, predicted], axis=1)
+
+    def _estimate_influence_value_from_influence_vector(
+        self, preproc_test_sample: tf.Tensor, influence_vector: tf.Tensor
+    ) -> tf.Tensor:
+        """``α_i[c_t] ⟨f_i, f_t⟩`` for every pair, shape ``(test, train)``."""
+        dim = preproc_test_sample.shape[1] - self.nb_classes
+        kernel_values = tf.matmul(preproc_test_sample[:, :dim], influence_vector[:, :dim], transpose_b=True)
+        alphas = tf.matmul(preproc_test_sample[:, dim:], influence_vector[:, dim:], transpose_b=True)
+        return kernel_values * alphas
+
+    def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
+        features, alpha = self._alpha(train_samples[0])
+        labels = label_classes(train_samples[1], self.nb_classes)
+        return tf.gather(alpha, labels, axis=1, batch_dims=1) * tf.reduce_sum(features * features, axis=1)
+
+    def predict_with_kernel(self, samples_to_evaluate: Batch | tf.Tensor) -> tf.Tensor:
+        """The surrogate's logits rebuilt from the representer decomposition ``Σ_i α_i ⟨f_i, f_t⟩``.
+
+        Parameters
+        ----------
+        samples_to_evaluate
+            A batch ``(x, ...)`` or the inputs ``x`` alone.
+
+        Returns
+        -------
+        tf.Tensor
+            Logits (pre-activation) for every class, shape ``(batch, C)``; equal to ``Φ(x) W*`` up
+            to the fit's convergence.
+        """
+        inputs = samples_to_evaluate[0] if isinstance(samples_to_evaluate, (tuple, list)) else samples_to_evaluate
+        test_features, _ = self._features_and_outputs(inputs)
+        logits = tf.zeros([tf.shape(test_features)[0], self.nb_classes], tf.float32)
+        for batch in iterate_batches(self.train_set, "train_set"):
+            features, alpha = self._alpha(batch[0])
+            logits += tf.matmul(test_features, features, transpose_b=True) @ alpha
+        return logits
