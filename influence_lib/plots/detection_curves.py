@@ -36,9 +36,9 @@ def plot_detection_curves(results: Mapping, mislabeling_ratio: float | None = No
         if hasattr(result, "roc_auc_mean"):
             label = f"{name} (AUC {result.roc_auc_mean:.3f})"
         axes.plot(inspected, found, label=label)
-    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random")
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random order (expected)")
     if mislabeling_ratio is not None:
-        axes.plot([0, mislabeling_ratio, 1], [0, 1, 1], color="black", linestyle="--", label="perfect")
+        axes.plot([0, mislabeling_ratio, 1], [0, 1, 1], color="black", linestyle="--", label="perfect detector")
     axes.set_xlabel("fraction of the training data inspected")
     axes.set_ylabel("fraction of the flipped labels found")
     axes.set_xlim(0, 1)

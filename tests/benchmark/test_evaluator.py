@@ -1,0 +1,160 @@
+"""The evaluator end to end on a tiny problem: planted perfect scores give AUC 1.0, constant ones 0.5;
+the factories' scores against closed forms computed in float64 NumPy from the trained weights."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from influence_lib.benchmark.evaluator import MislabelingDetectorEvaluator
+from influence_lib.benchmark.factories import (
+    FirstOrderFactory,
+    GradientNormFactory,
+    LossFactory,
+    MethodFactory,
+    RandomFactory,
+    resolve_methods,
+)
+from influence_lib.benchmark.training import MLPTrainingProcedure
+
+NB_CLASSES = 3
+
+
+def blobs(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % NB_CLASSES
+    centers = np.array([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    return (centers[labels] + rng.normal(size=(n, 4))).astype(np.float32), labels
+
+
+class PlantedFactory(MethodFactory):
+    """Knows the truth: scores 1 where the training label differs from the clean one."""
+
+    def __init__(self, clean_labels):
+        self.clean_labels = clean_labels
+
+    def score(self, trained, train_set):
+        noisy = np.concatenate([y.numpy().argmax(axis=1) for _, y in train_set])
+        return (noisy != self.clean_labels).astype(float)
+
+
+class ConstantFactory(MethodFactory):
+    def score(self, trained, train_set):
+        return np.full(sum(int(x.shape[0]) for x, _ in train_set), 7.0)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return MislabelingDetectorEvaluator(
+        blobs(60, 0), blobs(15, 1), MLPTrainingProcedure((8,), epochs=3, batch_size=16), NB_CLASSES, 0.2,
+        influence_batch_size=16, show_progress=False,
+    )
+
+
+def test_planted_perfect_scores_give_auc_one_and_constant_scores_one_half(evaluator, tmp_path):
+    factories = {"planted": PlantedFactory(evaluator.y_train), "constant": ConstantFactory()}
+    results = evaluator.bench(factories, nbr_of_evaluation=2, path_to_save=str(tmp_path), seed=5)
+    assert [run.seed for run in results["planted"].runs] == [5, 6]
+    for run in results["planted"].runs:
+        assert run.roc_auc == 1.0
+        assert run.curve_area == pytest.approx(1 - 0.2 / 2)
+        assert len(run.flipped_indices) == 12
+    for run in results["constant"].runs:
+        assert run.roc_auc == 0.5
+        assert run.curve_area == pytest.approx(0.5)
+    assert results["planted"].roc_auc_mean == 1.0 and results["planted"].roc_auc_std == 0.0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["methods"]["constant"]["roc_auc_mean"] == 0.5
+    assert [run["seed"] for run in saved["methods"]["planted"]["runs"]] == [5, 6]
+    assert saved["config"]["nb_train"] == 60
+    assert os.path.getsize(tmp_path / "detection_curves.png") > 0
+
+
+def test_same_seed_gives_same_flips_and_model(evaluator):
+    first = evaluator.evaluate(LossFactory(), 1, seed=3)
+    again = evaluator.evaluate(LossFactory(), 1, seed=3)
+    np.testing.assert_array_equal(first.runs[0].flipped_indices, again.runs[0].flipped_indices)
+    np.testing.assert_allclose(first.runs[0].scores, again.runs[0].scores, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained_and_set():
+    x, labels = blobs(40, 2)
+    y = np.eye(NB_CLASSES, dtype=np.float32)[labels]
+    trained = MLPTrainingProcedure((5,), epochs=5, batch_size=8).train(x, y, x, y, seed=0)
+    train_set = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model = trained.model
+    hidden = np.maximum(x.astype(np.float64) @ model.layers[1].kernel.numpy() + model.layers[1].bias.numpy(), 0)
+    logits = hidden @ model.layers[2].kernel.numpy() + model.layers[2].bias.numpy()
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    return trained, train_set, hidden, probabilities, y.astype(np.float64)
+
+
+def last_layer_gradients(hidden, probabilities, y):
+    """Per-sample gradients of softmax cross-entropy w.r.t. (kernel, bias) of the last Dense layer."""
+    residual = probabilities - y
+    kernel = np.einsum("na,nc->nac", hidden, residual).reshape(len(y), -1)
+    return np.concatenate([kernel, residual], axis=1)
+
+
+def test_loss_and_gradient_norm_baselines_match_closed_forms(trained_and_set):
+    trained, train_set, hidden, probabilities, y = trained_and_set
+    loss = LossFactory().score(trained, train_set)
+    np.testing.assert_allclose(loss, -np.log((probabilities * y).sum(axis=1)), rtol=1e-4)
+    norms = GradientNormFactory().score(trained, train_set)
+    np.testing.assert_allclose(norms, np.linalg.norm(last_layer_gradients(hidden, probabilities, y), axis=1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_first_order_factory_matches_numpy_self_influence(trained_and_set, normalize):
+    trained, train_set, hidden, probabilities, y = trained_and_set
+    damping = 0.05
+    augmented = np.concatenate([hidden, np.ones((len(y), 1))], axis=1)
+    output_curvature = np.einsum("nc,cd->ncd", probabilities, np.eye(NB_CLASSES)) - np.einsum(
+        "nc,nd->ncd", probabilities, probabilities
+    )
+    hessian = np.mean([np.kron(np.outer(h, h), a) for h, a in zip(augmented, output_curvature)], axis=0)
+    gradients = last_layer_gradients(hidden, probabilities, y)
+    influence_vectors = np.linalg.solve(hessian + damping * np.eye(len(hessian)), gradients.T).T
+    if normalize:
+        influence_vectors /= np.linalg.norm(influence_vectors, axis=1, keepdims=True)
+    expected = np.sum(gradients * influence_vectors, axis=1)
+    scores = FirstOrderFactory("exact", damping=damping, normalize=normalize).score(trained, train_set)
+    np.testing.assert_allclose(scores, expected, rtol=2e-3)
+
+
+def test_random_baseline_is_reproducible_and_sized(trained_and_set):
+    trained, train_set, *_ = trained_and_set
+    scores = RandomFactory().score(trained, train_set)
+    assert scores.shape == (40,)
+    np.testing.assert_array_equal(scores, RandomFactory().score(trained, train_set))
+
+
+def test_bad_inputs_raise_clear_errors(evaluator):
+    procedure = MLPTrainingProcedure((4,), epochs=1)
+    with pytest.raises(ValueError, match="mislabeling_ratio"):
+        MislabelingDetectorEvaluator(blobs(20, 0), blobs(5, 1), procedure, NB_CLASSES, 0.0)
+    with pytest.raises(ValueError, match="flips no label"):
+        MislabelingDetectorEvaluator(blobs(20, 0), blobs(5, 1), procedure, NB_CLASSES, 0.01)
+    with pytest.raises(TypeError, match="TrainingProcedure"):
+        MislabelingDetectorEvaluator(blobs(20, 0), blobs(5, 1), "mlp", NB_CLASSES, 0.1)
+    with pytest.raises(TypeError, match="unbatched tf.data.Dataset"):
+        MislabelingDetectorEvaluator(np.zeros((20, 4)), blobs(5, 1), procedure, NB_CLASSES, 0.1)
+    with pytest.raises(TypeError, match="MethodFactory"):
+        evaluator.bench({"loss": "loss"}, 1)
+    with pytest.raises(ValueError, match="nbr_of_evaluation"):
+        evaluator.bench({"loss": LossFactory()}, 0)
+    with pytest.raises(ValueError, match="Unknown or no method"):
+        resolve_methods("loss,nope")
+    with pytest.raises(ValueError, match="ihvp"):
+        FirstOrderFactory("newton")._ihvp(None, None)
+
+
+def test_accepts_an_unbatched_dataset_with_one_hot_labels():
+    x, labels = blobs(20, 0)
+    dataset = tf.data.Dataset.from_tensor_slices((x, np.eye(NB_CLASSES, dtype=np.float32)[labels]))
+    evaluator = MislabelingDetectorEvaluator(dataset, blobs(5, 1), MLPTrainingProcedure((4,), epochs=1), NB_CLASSES, 0.1)
+    np.testing.assert_array_equal(evaluator.y_train, labels)
+    np.testing.assert_allclose(evaluator.x_train, x)
