@@ -22,6 +22,7 @@ from ..curvature.base import InverseHessianVectorProduct
 from ..curvature.factory import IHVPCalculator, InverseHessianVectorProductFactory, make_ihvp
 from ..model.influence_model import InfluenceModel
 from .base import BaseInfluenceCalculator
+from .group import FirstOrderGroupInfluence
 
 
 def hessian_subset(
@@ -41,7 +42,7 @@ def hessian_subset(
     )
 
 
-class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
+class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfluence):
     """Influence functions: ``I(z, t) = g_tᵀ H⁻¹ g_z`` (RelatIF with ``normalize=True``).
 
     Parameters
