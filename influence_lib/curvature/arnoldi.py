@@ -157,10 +157,12 @@ def top_eigenpairs(
                 "The projected Hessian has complex eigenvalues (the Hessian-vector products are not symmetric "
                 "to working precision). Use force_hermitian=True."
             )
-        dual_complex = np.linalg.inv(complex_vectors)
+        # Eigenvectors of real eigenvalues are real up to a complex phase: remove it before taking real parts.
+        pivots = complex_vectors[np.argmax(np.abs(complex_vectors), axis=0), np.arange(complex_vectors.shape[1])]
+        complex_vectors = complex_vectors * (np.abs(pivots) / pivots)
         eigenvalues = complex_values.real
         eigenvectors = complex_vectors.real
-        dual = dual_complex.real
+        dual = np.linalg.inv(complex_vectors).real
     order = np.argsort(-np.abs(eigenvalues), kind="stable")[:k]
     return eigenvalues[order], eigenvectors[:, order], dual[order]
 

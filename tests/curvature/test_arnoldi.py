@@ -17,6 +17,7 @@ from influence_lib.curvature import (
     arnoldi_iteration,
     make_ihvp,
 )
+from influence_lib.curvature.arnoldi import top_eigenpairs
 from influence_lib.model.influence_model import InfluenceModel
 
 L2 = 1e-2
@@ -143,6 +144,21 @@ def test_arnoldi_iteration_on_a_matrix_with_repeated_eigenvalues_restarts():
     np.testing.assert_allclose(basis @ basis.T, np.eye(8), atol=1e-10)
     np.testing.assert_allclose(basis @ np.diag(diagonal) @ basis.T, np.triu(projected, -1), atol=1e-10)
     np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(0.5 * (projected + projected.T))), np.sort(diagonal), atol=1e-10)
+
+
+@pytest.mark.parametrize("force_hermitian", [True, False])
+def test_top_eigenpairs_keep_largest_magnitude_and_reconstruct(force_hermitian):
+    """Known spectrum with a negative eigenvalue: the kept pairs are the largest |λ| and A = Y Λ Y⁻¹."""
+    rng = np.random.default_rng(2)
+    rotation = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    spectrum = np.array([4.0, -3.0, 2.0, 0.5, 0.1, -0.01])
+    matrix = rotation @ np.diag(spectrum) @ rotation.T
+    eigenvalues, eigenvectors, dual = top_eigenpairs(matrix, 6, force_hermitian)
+    np.testing.assert_allclose(eigenvectors @ np.diag(eigenvalues) @ dual, matrix, atol=1e-12)
+    eigenvalues, eigenvectors, dual = top_eigenpairs(matrix, 3, force_hermitian)
+    np.testing.assert_allclose(eigenvalues, [4.0, -3.0, 2.0], atol=1e-12)
+    kept = rotation[:, :3]
+    np.testing.assert_allclose(eigenvectors @ np.diag(1 / eigenvalues) @ dual, kept @ np.diag(1 / spectrum[:3]) @ kept.T, atol=1e-12)
 
 
 def test_singular_hessian_uses_pseudo_inverse():
