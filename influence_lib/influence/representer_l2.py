@@ -106,6 +106,9 @@ class RepresenterPointL2(BaseInfluenceCalculator):
     fit_gradient_norm
         ``‖∇J(W*)‖`` at the end of the fit: the representer decomposition is exact up to
         ``fit_gradient_norm / (2λ)`` in ``W``.
+    fit_iterations
+        Number of Newton iterations the fit took (it stops once the objective stops decreasing in
+        float32 or ``‖∇J‖ ≤ 1e-6``).
     n_train
         Number of training samples ``n``.
     """
@@ -189,6 +192,7 @@ class RepresenterPointL2(BaseInfluenceCalculator):
             return _conjugate_gradient(hvp, -gradient, cg_iterations)
 
         kernel = tf.zeros([features.shape[1], self.nb_classes], tf.float32)
+        self.fit_iterations = 0
         value, gradient = value_and_gradient(kernel)
         for _ in progress(range(self.epochs), self.show_progress, "Fitting the L2 surrogate"):
             direction = newton_direction(kernel, gradient)
@@ -204,9 +208,11 @@ class RepresenterPointL2(BaseInfluenceCalculator):
                 step *= self.scaling_factor
             else:
                 break
+            stalled = not float(candidate_value) < float(value)
             kernel = candidate
             value, gradient = value_and_gradient(kernel)
-            if float(tf.norm(gradient)) <= 1e-6:
+            self.fit_iterations += 1
+            if stalled or float(tf.norm(gradient)) <= 1e-6:
                 break
         return kernel, float(tf.norm(gradient))
 
