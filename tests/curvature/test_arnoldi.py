@@ -73,16 +73,22 @@ def _projected_inverse(hessian, vectors, k, largest=True):
     return ((vectors @ basis) / eigenvalues[chosen]) @ basis.T
 
 
-def test_hessian_spectrum_is_spread():
-    influence_model, _, x, y = _softmax_problem()
-    hessian, _ = _numpy_hessian_and_gradients(influence_model, x, y)
+@pytest.fixture(scope="module")
+def softmax():
+    """The regularized problem and its NumPy Hessian and gradients, shared (one traced model)."""
+    influence_model, dataset, x, y = _softmax_problem()
+    hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y)
+    return influence_model, dataset, hessian, gradients
+
+
+def test_hessian_spectrum_is_spread(softmax):
+    hessian = softmax[2]
     eigenvalues = np.linalg.eigvalsh(hessian)
     assert eigenvalues.min() > 0 and eigenvalues.max() / eigenvalues.min() > 100
 
 
-def test_full_subspace_reproduces_exact_inverse():
-    influence_model, dataset, x, y = _softmax_problem()
-    hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y)
+def test_full_subspace_reproduces_exact_inverse(softmax):
+    influence_model, dataset, hessian, gradients = softmax
     nb_params = influence_model.nb_params
     arnoldi = ArnoldiIHVP(influence_model, dataset, subspace_dim=nb_params, dtype=tf.float64, show_progress=False)
     expected = np.linalg.solve(hessian, gradients[:10].T).T
@@ -94,9 +100,8 @@ def test_full_subspace_reproduces_exact_inverse():
 
 
 @pytest.mark.parametrize("subspace_dim", [21, 16])
-def test_top_k_projection_matches_numpy_eigh(subspace_dim):
-    influence_model, dataset, x, y = _softmax_problem()
-    hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y)
+def test_top_k_projection_matches_numpy_eigh(softmax, subspace_dim):
+    influence_model, dataset, hessian, gradients = softmax
     k = 6
     arnoldi = ArnoldiIHVP(
         influence_model, dataset, subspace_dim=subspace_dim, k_largest_eig_vals=k, dtype=tf.float64, show_progress=False
@@ -111,9 +116,8 @@ def test_top_k_projection_matches_numpy_eigh(subspace_dim):
     np.testing.assert_allclose(arnoldi.eigenvalues.numpy(), top, rtol=1e-3)
 
 
-def test_force_hermitian_false_gives_the_same_inverse():
-    influence_model, dataset, x, y = _softmax_problem()
-    hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y)
+def test_force_hermitian_false_gives_the_same_inverse(softmax):
+    influence_model, dataset, hessian, gradients = softmax
     arnoldi = ArnoldiIHVP(
         influence_model, dataset, subspace_dim=21, k_largest_eig_vals=8, force_hermitian=False, dtype=tf.float64,
         show_progress=False,
@@ -122,9 +126,8 @@ def test_force_hermitian_false_gives_the_same_inverse():
     np.testing.assert_allclose(arnoldi.ihvp(gradients).numpy(), expected, atol=1e-2 * np.abs(expected).max())
 
 
-def test_damping_shifts_the_kept_eigenvalues_and_hvp_is_exact():
-    influence_model, dataset, x, y = _softmax_problem()
-    hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y)
+def test_damping_shifts_the_kept_eigenvalues_and_hvp_is_exact(softmax):
+    influence_model, dataset, hessian, gradients = softmax
     damping = 0.3
     arnoldi = ArnoldiIHVP(influence_model, dataset, subspace_dim=21, damping=damping, show_progress=False)
     damped = hessian + damping * np.eye(21)
@@ -174,8 +177,8 @@ def test_singular_hessian_uses_pseudo_inverse():
     assert arnoldi.eigenvalues.shape[0] == int(kept.sum())
 
 
-def test_factory_and_string_build_arnoldi():
-    influence_model, dataset, _, _ = _softmax_problem()
+def test_factory_and_string_build_arnoldi(softmax):
+    influence_model, dataset, _, _ = softmax
     assert IHVPCalculator.from_string("Arnoldi") is IHVPCalculator.Arnoldi
     from_string = make_ihvp("arnoldi", influence_model, dataset, show_progress=False)
     assert isinstance(from_string, ArnoldiIHVP)
@@ -195,8 +198,8 @@ def test_factory_and_string_build_arnoldi():
         ({"subspace_dim": 5, "dtype": tf.int32}, TypeError),
     ],
 )
-def test_bad_arguments_raise_clear_errors(kwargs, error):
-    influence_model, dataset, _, _ = _softmax_problem()
+def test_bad_arguments_raise_clear_errors(softmax, kwargs, error):
+    influence_model, dataset, _, _ = softmax
     with pytest.raises(error):
         ArnoldiIHVP(influence_model, dataset, show_progress=False, **kwargs)
 
@@ -213,8 +216,8 @@ def test_zero_hessian_raises_singular_error():
         ArnoldiIHVP(constant_model, flat, subspace_dim=3, show_progress=False)
 
 
-def test_wrong_vector_shape_raises():
-    influence_model, dataset, _, _ = _softmax_problem()
+def test_wrong_vector_shape_raises(softmax):
+    influence_model, dataset, _, _ = softmax
     arnoldi = ArnoldiIHVP(influence_model, dataset, subspace_dim=5, show_progress=False)
     with pytest.raises(ValueError, match="watched parameter"):
         arnoldi.ihvp(np.ones((2, 7), dtype=np.float32))
