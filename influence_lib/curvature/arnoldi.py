@@ -238,7 +238,9 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
                 f"subspace_dim={subspace_dim} exceeds the number of watched parameters {nb_params}; "
                 f"use at most {nb_params}."
             )
-        k = subspace_dim if k_largest_eig_vals is None else _check_positive_int(k_largest_eig_vals, "k_largest_eig_vals")
+        k = subspace_dim
+        if k_largest_eig_vals is not None:
+            k = _check_positive_int(k_largest_eig_vals, "k_largest_eig_vals")
         if k > subspace_dim:
             raise ValueError(f"k_largest_eig_vals={k} exceeds subspace_dim={subspace_dim}; keep at most subspace_dim.")
         self.subspace_dim = subspace_dim

@@ -46,7 +46,10 @@ def summed_gradient(
     model.check_dataset(dataset, name)
     total = tf.zeros((model.nb_params,), dtype=model.weights[0].dtype)
     count = 0
-    for batch in progress(iterate_batches(dataset, name), show_progress, f"Gradients of {name}", known_cardinality(dataset)):
+    batches = progress(
+        iterate_batches(dataset, name), show_progress, f"Gradients of {name}", known_cardinality(dataset)
+    )
+    for batch in batches:
         total += model.batch_gradient_tensor(batch)
         count += batch_size_of(batch)
     if not bool(tf.reduce_all(tf.math.is_finite(total))):

@@ -17,7 +17,8 @@ coefficients below, which agree with this expansion to order ``p²`` and come fr
 renormalizing the perturbed objective; we use theirs:
 
 .. math::  \\psi^{(2)}_U = \\frac{1 - 2p}{(1-p)^2} \\sum_{z \\in U} H^{-1} g_z
-           + \\frac{1}{(1-p)^2\\, n}\\, H^{-1} \\Big(\\sum_{z \\in U} \\nabla^2 \\ell_z\\Big) H^{-1} \\sum_{z \\in U} g_z
+           + \\frac{1}{(1-p)^2\\, n}\\, H^{-1} \\Big(\\sum_{z \\in U} \\nabla^2 \\ell_z\\Big)
+             H^{-1} \\sum_{z \\in U} g_z
 
 Scale: ``ψ⁽²⁾_U`` is ``n (θ_{-U} − θ*)`` predicted to second order, the same scale as the
 first-order ``ψ_U = Σ_{z∈U} H⁻¹ g_z`` of
@@ -73,7 +74,9 @@ class SecondOrderInfluenceCalculator(GroupInfluence):
         self,
         model: InfluenceModel,
         dataset: tf.data.Dataset,
-        ihvp_calculator: "str | IHVPCalculator | InverseHessianVectorProduct | InverseHessianVectorProductFactory" = "exact",
+        ihvp_calculator: "str | IHVPCalculator | InverseHessianVectorProduct | InverseHessianVectorProductFactory" = (
+            "exact"
+        ),
         n_samples_for_hessian: int | None = None,
         shuffle_buffer_size: int = 10000,
         show_progress: bool = True,

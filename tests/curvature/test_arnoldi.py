@@ -146,7 +146,8 @@ def test_arnoldi_iteration_on_a_matrix_with_repeated_eigenvalues_restarts():
     basis = basis.numpy()
     np.testing.assert_allclose(basis @ basis.T, np.eye(8), atol=1e-10)
     np.testing.assert_allclose(basis @ np.diag(diagonal) @ basis.T, np.triu(projected, -1), atol=1e-10)
-    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(0.5 * (projected + projected.T))), np.sort(diagonal), atol=1e-10)
+    ritz_values = np.linalg.eigvalsh(0.5 * (projected + projected.T))
+    np.testing.assert_allclose(np.sort(ritz_values), np.sort(diagonal), atol=1e-10)
 
 
 @pytest.mark.parametrize("force_hermitian", [True, False])
@@ -161,7 +162,8 @@ def test_top_eigenpairs_keep_largest_magnitude_and_reconstruct(force_hermitian):
     eigenvalues, eigenvectors, dual = top_eigenpairs(matrix, 3, force_hermitian)
     np.testing.assert_allclose(eigenvalues, [4.0, -3.0, 2.0], atol=1e-12)
     kept = rotation[:, :3]
-    np.testing.assert_allclose(eigenvectors @ np.diag(1 / eigenvalues) @ dual, kept @ np.diag(1 / spectrum[:3]) @ kept.T, atol=1e-12)
+    expected = kept @ np.diag(1 / spectrum[:3]) @ kept.T
+    np.testing.assert_allclose(eigenvectors @ np.diag(1 / eigenvalues) @ dual, expected, atol=1e-12)
 
 
 def test_singular_hessian_uses_pseudo_inverse():
@@ -183,7 +185,8 @@ def test_factory_and_string_build_arnoldi(softmax):
     from_string = make_ihvp("arnoldi", influence_model, dataset, show_progress=False)
     assert isinstance(from_string, ArnoldiIHVP)
     assert from_string.subspace_dim == 21 and from_string.k_largest_eig_vals == 21
-    built = make_ihvp(ArnoldiIHVPFactory(subspace_dim=10, k_largest_eig_vals=4, show_progress=False), influence_model, dataset)
+    factory = ArnoldiIHVPFactory(subspace_dim=10, k_largest_eig_vals=4, show_progress=False)
+    built = make_ihvp(factory, influence_model, dataset)
     assert built.subspace_dim == 10 and built.eigenvalues.shape == (4,)
 
 

@@ -75,9 +75,8 @@ def problem():
 
 
 def _dataset(x, y, batch_size):
-    return tf.data.Dataset.from_tensor_slices((np.asarray(x, np.float32), np.asarray(y, np.float32).reshape(-1, 1))).batch(
-        batch_size
-    )
+    inputs, targets = np.asarray(x, np.float32), np.asarray(y, np.float32).reshape(-1, 1)
+    return tf.data.Dataset.from_tensor_slices((inputs, targets)).batch(batch_size)
 
 
 def _coherent_group(problem, fraction):
