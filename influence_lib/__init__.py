@@ -24,6 +24,12 @@ from .influence import (
     SelfInfluenceCalculator,
     extract_only_values,
 )
+from .influence.boundary_sample import SampleBoundaryCalculator
+from .influence.boundary_weights import WeightsBoundaryCalculator
+from .influence.representer_l2 import RepresenterPointL2
+from .influence.representer_lje import RepresenterPointLJE
+from .influence.tracin import TracIn
+from .influence.tracin_checkpoint import TracInCheckpoint
 from .model import InfluenceModel, default_process_batch
 
 __version__ = "0.1.0"
@@ -50,6 +56,12 @@ __all__ = [
     "SingularHessianError",
     "StreamingTopK",
     "TopK",
+    "RepresenterPointL2",
+    "RepresenterPointLJE",
+    "SampleBoundaryCalculator",
+    "TracIn",
+    "TracInCheckpoint",
+    "WeightsBoundaryCalculator",
     "default_process_batch",
     "extract_only_values",
 ]
