@@ -6,6 +6,8 @@ gradients), ``curvature`` (Hessian operator and inverse-Hessian-vector products)
 """
 from .common import CACHE, ORDER, NonFiniteError, SingularHessianError, StreamingTopK, TopK
 from .curvature import (
+    ArnoldiIHVP,
+    ArnoldiIHVPFactory,
     CGDIHVPFactory,
     ConjugateGradientDescentIHVP,
     ExactIHVP,
@@ -24,10 +26,12 @@ from .influence import (
     SelfInfluenceCalculator,
     extract_only_values,
 )
+from .influence.arnoldi import ArnoldiInfluenceCalculator
 from .influence.boundary_sample import SampleBoundaryCalculator
 from .influence.boundary_weights import WeightsBoundaryCalculator
 from .influence.representer_l2 import RepresenterPointL2
 from .influence.representer_lje import RepresenterPointLJE
+from .influence.second_order import SecondOrderInfluenceCalculator
 from .influence.tracin import TracIn
 from .influence.tracin_checkpoint import TracInCheckpoint
 from .model import InfluenceModel, default_process_batch
@@ -37,6 +41,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CACHE",
     "ORDER",
+    "ArnoldiIHVP",
+    "ArnoldiIHVPFactory",
+    "ArnoldiInfluenceCalculator",
     "BaseInfluenceCalculator",
     "CGDIHVPFactory",
     "ConjugateGradientDescentIHVP",
@@ -59,6 +66,7 @@ __all__ = [
     "RepresenterPointL2",
     "RepresenterPointLJE",
     "SampleBoundaryCalculator",
+    "SecondOrderInfluenceCalculator",
     "TracIn",
     "TracInCheckpoint",
     "WeightsBoundaryCalculator",
