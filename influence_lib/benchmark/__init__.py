@@ -7,12 +7,18 @@ from .datasets import ClassificationData, load_cifar10, load_dataset, load_digit
 from .evaluator import MethodResult, MislabelingDetectorEvaluator, RunResult
 from .factories import (
     METHODS,
+    ArnoldiFactory,
     CalculatorFactory,
     FirstOrderFactory,
     GradientNormFactory,
     LossFactory,
     MethodFactory,
     RandomFactory,
+    RepresenterL2Factory,
+    RepresenterLJEFactory,
+    SampleBoundaryFactory,
+    TracInFactory,
+    WeightsBoundaryFactory,
     resolve_methods,
 )
 from .label_noise import flip_labels
@@ -22,6 +28,7 @@ from .training import MLPTrainingProcedure, TrainedModel, TrainingProcedure
 
 __all__ = [
     "METHODS",
+    "ArnoldiFactory",
     "CalculatorFactory",
     "ClassificationData",
     "FirstOrderFactory",
@@ -32,9 +39,14 @@ __all__ = [
     "MethodResult",
     "MislabelingDetectorEvaluator",
     "RandomFactory",
+    "RepresenterL2Factory",
+    "RepresenterLJEFactory",
     "RunResult",
+    "SampleBoundaryFactory",
+    "TracInFactory",
     "TrainedModel",
     "TrainingProcedure",
+    "WeightsBoundaryFactory",
     "average_ranks",
     "detection_curve",
     "detection_curve_area",

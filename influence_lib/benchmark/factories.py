@@ -11,13 +11,22 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+import keras
+
 from ..common.datasets import iterate_batches
 from ..curvature.base import InverseHessianVectorProduct
 from ..curvature.conjugate_gradient import ConjugateGradientDescentIHVP
 from ..curvature.exact import ExactIHVP
+from ..curvature.factory import ExactIHVPFactory
 from ..curvature.lissa import LissaIHVP
+from ..influence.arnoldi import ArnoldiInfluenceCalculator
 from ..influence.base import SelfInfluenceCalculator, extract_only_values
+from ..influence.boundary_sample import SampleBoundaryCalculator
+from ..influence.boundary_weights import WeightsBoundaryCalculator
 from ..influence.first_order import FirstOrderInfluenceCalculator, hessian_subset
+from ..influence.representer_l2 import RepresenterPointL2
+from ..influence.representer_lje import RepresenterPointLJE
+from ..influence.tracin import TracIn
 from ..model.influence_model import InfluenceModel
 from .training import TrainedModel
 
@@ -92,6 +101,113 @@ class FirstOrderFactory(CalculatorFactory):
 
 
 @dataclass(frozen=True)
+class ArnoldiFactory(CalculatorFactory):
+    """Influence through the top eigenspace of the Hessian found by Arnoldi (Schioppa et al. 2022).
+
+    Parameters
+    ----------
+    subspace_dim
+        Krylov subspace dimension (Hessian-vector-product passes), capped at the number of
+        watched parameters.
+    k_largest_eig_vals
+        Eigenvalues kept (None: all), capped at the subspace dimension.
+    damping
+        δ added to the kept eigenvalues.
+    start_layer
+        First watched layer (None: the last layer with weights).
+    """
+
+    subspace_dim: int = 200
+    k_largest_eig_vals: int | None = 100
+    damping: float = 0.0
+    start_layer: int | str | None = None
+
+    def build(self, trained, train_set) -> ArnoldiInfluenceCalculator:
+        model = InfluenceModel(trained.model, start_layer=self.start_layer)
+        subspace_dim = min(self.subspace_dim, model.nb_params)
+        kept = None if self.k_largest_eig_vals is None else min(self.k_largest_eig_vals, subspace_dim)
+        return ArnoldiInfluenceCalculator(
+            model,
+            train_set,
+            subspace_dim,
+            k_largest_eig_vals=kept,
+            damping=self.damping,
+            seed=trained.seed,
+            show_progress=False,
+        )
+
+
+@dataclass(frozen=True)
+class TracInFactory(CalculatorFactory):
+    """TracInCP over the checkpoints saved during training (Pruthi et al. 2020)."""
+
+    needs_checkpoints = True
+    start_layer: int | str | None = None
+
+    def build(self, trained, train_set) -> TracIn:
+        if trained.checkpoint_callback is None:
+            raise ValueError("TracIn needs the checkpoints of training: train with a checkpoint_directory.")
+        return TracIn.from_callback(trained.checkpoint_callback, show_progress=False, start_layer=self.start_layer)
+
+
+@dataclass(frozen=True)
+class RepresenterL2Factory(CalculatorFactory):
+    """Representer points of an L2-regularized last layer (Yeh et al. 2018)."""
+
+    lambda_regularization: float = 1e-3
+    epochs: int = 100
+
+    def build(self, trained, train_set) -> RepresenterPointL2:
+        return RepresenterPointL2(
+            trained.model,
+            train_set,
+            keras.losses.CategoricalCrossentropy(reduction=None),
+            self.lambda_regularization,
+            epochs=self.epochs,
+            show_progress=False,
+        )
+
+
+@dataclass(frozen=True)
+class RepresenterLJEFactory(CalculatorFactory):
+    """Representer points by local Jacobian expansion of the last layer (Sui et al. 2021)."""
+
+    damping: float = 1e-2
+    epsilon: float = 1e-5
+
+    def build(self, trained, train_set) -> RepresenterPointLJE:
+        return RepresenterPointLJE(
+            InfluenceModel(trained.model),
+            train_set,
+            ExactIHVPFactory(self.damping),
+            epsilon=self.epsilon,
+            seed=trained.seed,
+            show_progress=False,
+        )
+
+
+@dataclass(frozen=True)
+class WeightsBoundaryFactory(CalculatorFactory):
+    """Minus the distance in last-layer weight space to the boundary that flips each sample."""
+
+    step_nbr: int = 100
+    norm_type: float = 2
+
+    def build(self, trained, train_set) -> WeightsBoundaryCalculator:
+        return WeightsBoundaryCalculator(trained.model, self.step_nbr, self.norm_type, show_progress=False)
+
+
+@dataclass(frozen=True)
+class SampleBoundaryFactory(CalculatorFactory):
+    """Minus the input-space distance (DeepFool) from each sample to the decision boundary."""
+
+    step_nbr: int = 100
+
+    def build(self, trained, train_set) -> SampleBoundaryCalculator:
+        return SampleBoundaryCalculator(trained.model, self.step_nbr, show_progress=False)
+
+
+@dataclass(frozen=True)
 class LossFactory(MethodFactory):
     """Baseline: the training loss of each sample."""
 
@@ -122,9 +238,15 @@ class RandomFactory(MethodFactory):
 
 METHODS: dict[str, MethodFactory] = {
     "first_order_exact": FirstOrderFactory("exact"),
-    "first_order_cg": FirstOrderFactory("cgd", damping=1e-2, n_opt_iters=100),
-    "first_order_lissa": FirstOrderFactory("lissa", damping=1e-2, n_opt_iters=200),
+    "first_order_cg": FirstOrderFactory("cgd", damping=1e-2, n_opt_iters=30, n_samples_for_hessian=512),
+    "first_order_lissa": FirstOrderFactory("lissa", damping=1e-2, n_opt_iters=100, n_samples_for_hessian=512),
+    "first_order_arnoldi": ArnoldiFactory(),
     "relatif": FirstOrderFactory("exact", normalize=True),
+    "tracin": TracInFactory(),
+    "rps_l2": RepresenterL2Factory(),
+    "rps_lje": RepresenterLJEFactory(),
+    "weights_boundary": WeightsBoundaryFactory(),
+    "sample_boundary": SampleBoundaryFactory(),
     "loss": LossFactory(),
     "gradient_norm": GradientNormFactory(),
     "random": RandomFactory(),

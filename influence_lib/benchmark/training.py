@@ -76,20 +76,25 @@ class MLPTrainingProcedure(TrainingProcedure):
     epochs, batch_size, learning_rate
         Adam training settings (categorical cross-entropy on the softmax outputs).
     checkpoint_every_n_epochs
-        Period of the TracIn checkpoints, when they are asked for.
+        Period of the TracIn checkpoints, when they are asked for (None: ``max(1, epochs // 5)``,
+        about five checkpoints).
+    output_bias
+        Whether the output layer has a bias. Off by default so that every method applies
+        (RPS-LJE decomposes a last layer without bias).
     """
 
     hidden_units: Sequence[int] = (128,)
     epochs: int = 30
     batch_size: int = 64
     learning_rate: float = 1e-3
-    checkpoint_every_n_epochs: int = 5
+    checkpoint_every_n_epochs: int | None = None
+    output_bias: bool = False
 
     def build_model(self, input_shape: tuple[int, ...], nb_classes: int) -> keras.Model:
         """The untrained MLP for inputs of ``input_shape`` and ``nb_classes`` classes."""
         layers = [keras.Input(shape=input_shape), keras.layers.Flatten()]
         layers += [keras.layers.Dense(units, activation="relu") for units in self.hidden_units]
-        layers.append(keras.layers.Dense(nb_classes, activation="softmax"))
+        layers.append(keras.layers.Dense(nb_classes, activation="softmax", use_bias=self.output_bias))
         return keras.Sequential(layers)
 
     def train(self, x_train, y_train, x_test, y_test, seed, checkpoint_directory=None) -> TrainedModel:
@@ -101,7 +106,8 @@ class MLPTrainingProcedure(TrainingProcedure):
         callbacks, checkpoint_callback = [], None
         if checkpoint_directory is not None:
             os.makedirs(checkpoint_directory, exist_ok=True)
-            checkpoint_callback = _tracin_checkpoint_callback(checkpoint_directory, self.checkpoint_every_n_epochs)
+            period = self.checkpoint_every_n_epochs or max(1, self.epochs // 5)
+            checkpoint_callback = _tracin_checkpoint_callback(checkpoint_directory, period)
             callbacks.append(checkpoint_callback)
         model.fit(
             x_train, y_train, batch_size=self.batch_size, epochs=self.epochs, verbose=0, shuffle=True, callbacks=callbacks

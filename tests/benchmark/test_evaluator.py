@@ -9,11 +9,13 @@ import tensorflow as tf
 
 from influence_lib.benchmark.evaluator import MislabelingDetectorEvaluator
 from influence_lib.benchmark.factories import (
+    METHODS,
     FirstOrderFactory,
     GradientNormFactory,
     LossFactory,
     MethodFactory,
     RandomFactory,
+    TracInFactory,
     resolve_methods,
 )
 from influence_lib.benchmark.training import MLPTrainingProcedure
@@ -82,14 +84,21 @@ def test_same_seed_gives_same_flips_and_model(evaluator):
 def trained_and_set():
     x, labels = blobs(40, 2)
     y = np.eye(NB_CLASSES, dtype=np.float32)[labels]
-    trained = MLPTrainingProcedure((5,), epochs=5, batch_size=8).train(x, y, x, y, seed=0)
+    trained = MLPTrainingProcedure((5,), epochs=5, batch_size=8, output_bias=True).train(x, y, x, y, seed=0)
     train_set = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-    model = trained.model
-    hidden = np.maximum(x.astype(np.float64) @ model.layers[1].kernel.numpy() + model.layers[1].bias.numpy(), 0)
-    logits = hidden @ model.layers[2].kernel.numpy() + model.layers[2].bias.numpy()
-    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    hidden, probabilities = forward(trained.model, x)
     return trained, train_set, hidden, probabilities, y.astype(np.float64)
+
+
+def forward(model, x):
+    """Hidden features and softmax outputs of the one-hidden-layer MLP, float64."""
+    dense_hidden, dense_out = model.layers[1], model.layers[2]
+    hidden = np.maximum(x.astype(np.float64) @ dense_hidden.kernel.numpy() + dense_hidden.bias.numpy(), 0)
+    logits = hidden @ dense_out.kernel.numpy()
+    if dense_out.use_bias:
+        logits = logits + dense_out.bias.numpy()
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return hidden, probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
 def last_layer_gradients(hidden, probabilities, y):
@@ -158,3 +167,35 @@ def test_accepts_an_unbatched_dataset_with_one_hot_labels():
     evaluator = MislabelingDetectorEvaluator(dataset, blobs(5, 1), MLPTrainingProcedure((4,), epochs=1), NB_CLASSES, 0.1)
     np.testing.assert_array_equal(evaluator.y_train, labels)
     np.testing.assert_allclose(evaluator.x_train, x)
+
+
+def test_tracin_factory_sums_learning_rate_times_squared_gradient_norm_over_checkpoints(tmp_path):
+    """Ground truth: each checkpoint's weights reloaded into a clone, last-layer gradients in NumPy."""
+    x, labels = blobs(24, 3)
+    y = np.eye(NB_CLASSES, dtype=np.float32)[labels]
+    procedure = MLPTrainingProcedure((4,), epochs=4, batch_size=8, checkpoint_every_n_epochs=2)
+    trained = procedure.train(x, y, x, y, seed=0, checkpoint_directory=str(tmp_path))
+    checkpoints = trained.checkpoint_callback.checkpoints
+    assert len(checkpoints) == 2
+    expected = np.zeros(len(x))
+    for path, rate in checkpoints:
+        clone = procedure.build_model(x.shape[1:], NB_CLASSES)
+        clone.load_weights(path)
+        hidden, probabilities = forward(clone, x)
+        kernel_gradients = np.einsum("na,nc->nac", hidden, probabilities - y).reshape(len(x), -1)
+        expected += rate * np.sum(kernel_gradients**2, axis=1)
+    train_set = tf.data.Dataset.from_tensor_slices((x, y)).batch(10)
+    np.testing.assert_allclose(TracInFactory().score(trained, train_set), expected, rtol=1e-3)
+    with pytest.raises(ValueError, match="checkpoint"):
+        TracInFactory().build(procedure.train(x, y, x, y, seed=0), train_set)
+
+
+def test_every_registered_method_scores_every_training_sample(evaluator):
+    """All methods run through the evaluator (TracIn checkpoints saved on demand) with finite scores."""
+    results = evaluator.bench(dict(METHODS), nbr_of_evaluation=1)
+    assert list(results) == list(METHODS)
+    for name, result in results.items():
+        run = result.runs[0]
+        assert run.scores.shape == (60,), name
+        assert np.isfinite(run.scores).all(), name
+        assert 0.0 <= run.roc_auc <= 1.0 and run.seconds >= 0
