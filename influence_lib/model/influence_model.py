@@ -230,15 +230,30 @@ class InfluenceModel:
         rule_params = self._recorder.parameters[layer_index]
         return [position in self._weight_positions[layer_index] for position in range(len(rule_params))]
 
-    def _closed_form_weight_gradients(self, record: Recording) -> list[tf.Tensor]:
-        """Per-sample gradients of each watched weight, in the order of :attr:`weights`."""
-        gradients = []
+    def _closed_form_blocks(self, record: Recording) -> list[tf.Tensor]:
+        """Per-sample gradients of each watched layer, ``(B, P_l)``, columns in :attr:`weights` order."""
+        blocks = []
         for index, (layer, calls) in enumerate(zip(self.closed_form_layers, record.calls)):
-            rule = self._recorder.rules[index]
-            per_call = [rule.per_sample_gradients(layer, call) for call in calls]
-            summed = [tf.add_n(list(parts)) if parts[0] is not None else None for parts in zip(*per_call)]
-            gradients.extend(summed[position] for position in self._weight_positions[index])
-        return [tf.cast(gradient, weight.dtype) for gradient, weight in zip(gradients, self.weights)]
+            positions = self._weight_positions[index]
+            if positions == sorted(positions):
+                block = self._summed_flat_gradients(index, calls)
+            else:
+                rule = self._recorder.rules[index]
+                per_call = [rule.per_sample_gradients(layer, call) for call in calls]
+                summed = [tf.add_n([parts[position] for parts in per_call]) for position in positions]
+                block = tf.concat(self.flatten_per_weight(summed), axis=1)
+            blocks.append(tf.cast(block, self.weights[0].dtype))
+        return blocks
+
+    def _jacobian_blocks(self, batch: Batch) -> list[tf.Tensor]:
+        """Per-layer blocks of the pfor jacobian (any model)."""
+        gradients = self.flatten_per_weight(self._jacobian_weight_gradients(batch))
+        blocks, start = [], 0
+        for layer in self.closed_form_layers:
+            count = len(layer.trainable_weights)
+            blocks.append(tf.concat(gradients[start : start + count], axis=1))
+            start += count
+        return blocks
 
     def _jacobian_weight_gradients(self, batch: Batch) -> list[tf.Tensor]:
         """Per-sample gradients by ``GradientTape.jacobian`` with pfor (works for any model)."""
@@ -249,11 +264,9 @@ class InfluenceModel:
             losses, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
         )
 
-    def _weight_gradients(self, batch: Batch) -> list[tf.Tensor]:
+    def _blocks(self, batch: Batch) -> list[tf.Tensor]:
         record = self._record(batch)
-        if record is None:
-            return self._jacobian_weight_gradients(batch)
-        return self._closed_form_weight_gradients(record)
+        return self._jacobian_blocks(batch) if record is None else self._closed_form_blocks(record)
 
     @tf.function(reduce_retracing=True)
     def batch_jacobian_tensor(self, batch: Batch) -> tf.Tensor:
@@ -263,19 +276,14 @@ class InfluenceModel:
         (``∂ℓ_i/∂W = Σ_t a_{i,t} ⊗ δ_{i,t}`` for Dense), else ``GradientTape.jacobian`` with
         pfor. Columns follow :attr:`weights`, each weight flattened row-major.
         """
-        return self.flatten(self._weight_gradients(batch), batch_dims=1)
+        blocks = self._blocks(batch)
+        return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=1)
 
     @tf.function(reduce_retracing=True)
     def batch_jacobian_blocks(self, batch: Batch) -> list[tf.Tensor]:
         """Per-sample gradients split by watched layer: one ``(batch, P_l)`` tensor per layer of
         :attr:`closed_form_layers`; concatenated along axis 1 they equal :meth:`batch_jacobian_tensor`."""
-        gradients = self.flatten_per_weight(self._weight_gradients(batch))
-        blocks, start = [], 0
-        for layer in self.closed_form_layers:
-            count = len(layer.trainable_weights)
-            blocks.append(tf.concat(gradients[start : start + count], axis=1))
-            start += count
-        return blocks
+        return self._blocks(batch)
 
     @staticmethod
     def flatten_per_weight(gradients: Sequence[tf.Tensor]) -> list[tf.Tensor]:

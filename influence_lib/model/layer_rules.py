@@ -86,6 +86,8 @@ class LayerRule(abc.ABC):
         return tf.reduce_sum(tf.square(self.flat_gradients(layer, call, watched)), axis=1)
 
     def flat_gradients(self, layer: keras.layers.Layer, call: LayerCall, watched: list[bool]) -> tf.Tensor:
+        """Per-sample gradients of the watched parameters, each flattened row-major and
+        concatenated in the rule's parameter order, shape ``(B, P_layer)``."""
         grads = [g for g, keep in zip(self.per_sample_gradients(layer, call), watched) if keep]
         batch = tf.shape(grads[0])[0]
         return tf.concat([tf.reshape(g, [batch, -1]) for g in grads], axis=1)
@@ -127,6 +129,15 @@ class DenseRule(LayerRule):
             return [inputs[:, :, None] * delta[:, None, :], delta]
         inputs, delta = _as_sequence(inputs), _as_sequence(delta)
         return [tf.matmul(inputs, delta, transpose_a=True), tf.reduce_sum(delta, axis=1)]
+
+    def flat_gradients(self, layer, call, watched):
+        """With kernel and bias watched, ``[a, 1] ⊗ δ`` flattened is ``[vec(∂W), ∂b]`` in one product."""
+        if watched != [True, True]:
+            return super().flat_gradients(layer, call, watched)
+        inputs = _as_sequence(_float32(call.inputs))
+        augmented = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
+        products = tf.matmul(augmented, _as_sequence(call.delta), transpose_a=True)
+        return tf.reshape(products, [tf.shape(products)[0], -1])
 
     @staticmethod
     def _factored_is_cheaper(call_a: LayerCall, call_b: LayerCall) -> bool:
@@ -234,7 +245,8 @@ class ConvRule(LayerRule):
         )
         return outputs if bias is None else outputs + bias
 
-    def per_sample_gradients(self, layer, call):
+    def _patches_and_delta(self, layer, call: LayerCall) -> tuple[tf.Tensor, tf.Tensor]:
+        """Input patches ``(B, positions, kh·kw·c_in)`` and ``δ`` as ``(B, positions, c_out)``."""
         inputs, padding = self._padded(layer, _float32(call.inputs))
         kernel_size, strides, dilation = list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate)
         if layer.rank == 1:
@@ -248,10 +260,20 @@ class ConvRule(LayerRule):
             padding=padding,
         )
         batch = tf.shape(patches)[0]
-        patches = tf.reshape(patches, [batch, -1, patches.shape[-1]])
-        delta = tf.reshape(call.delta, [batch, -1, call.delta.shape[-1]])
-        kernel_grad = tf.reshape(tf.matmul(patches, delta, transpose_a=True), [batch, *layer.kernel.shape])
-        return [kernel_grad, tf.reduce_sum(delta, axis=1)]
+        return tf.reshape(patches, [batch, -1, patches.shape[-1]]), tf.reshape(call.delta, [batch, -1, call.delta.shape[-1]])
+
+    def per_sample_gradients(self, layer, call):
+        patches, delta = self._patches_and_delta(layer, call)
+        kernel_grad = tf.matmul(patches, delta, transpose_a=True)
+        return [tf.reshape(kernel_grad, [tf.shape(delta)[0], *layer.kernel.shape]), tf.reduce_sum(delta, axis=1)]
+
+    def flat_gradients(self, layer, call, watched):
+        """With kernel and bias watched, ``[patch, 1] ⊗ δ`` summed over positions is ``[vec(∂K), ∂b]``."""
+        if watched != [True, True]:
+            return super().flat_gradients(layer, call, watched)
+        patches, delta = self._patches_and_delta(layer, call)
+        augmented = tf.concat([patches, tf.ones_like(patches[..., :1])], axis=-1)
+        return tf.reshape(tf.matmul(augmented, delta, transpose_a=True), [tf.shape(delta)[0], -1])
 
 
 class EmbeddingRule(LayerRule):
