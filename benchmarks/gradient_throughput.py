@@ -1,7 +1,8 @@
 """Per-sample gradient throughput: closed form vs. generic vectorization vs. one batch gradient.
 
 For an MLP (64-128-10) and a small CNN (28×28×1 → Conv 16 → Conv 32 → Dense 10), all layers
-watched, one batch, this times (median of up to ``--repeats`` runs after one warm-up/trace, at most about ``--budget`` seconds per method):
+watched, one batch, this times (median of up to ``--repeats`` runs after one warm-up/trace, at
+most about ``--budget`` seconds per method):
 
 * ``closed_form``      — ``InfluenceModel.batch_jacobian_tensor`` (one forward + one backward pass,
   per-layer closed form),
@@ -123,7 +124,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     keras.utils.set_random_seed(0)
-    results = [benchmark(name, builder, args.batch_size, args.repeats, args.budget) for name, builder in (("MLP", mlp), ("CNN", cnn))]
+    models = (("MLP", mlp), ("CNN", cnn))
+    results = [benchmark(name, builder, args.batch_size, args.repeats, args.budget) for name, builder in models]
     methods = list(results[0]["samples_per_second"])
     print(f"{'model':<6}{'params':>9}  " + "".join(f"{m:>16}" for m in methods))
     for result in results:

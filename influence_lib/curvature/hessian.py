@@ -161,7 +161,10 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
     total = np.zeros((dim, dim), dtype=np.float64)
     count = 0
     batches = progress(
-        iterate_batches(dataset, "the Hessian dataset"), show_progress, "Gauss-Newton Hessian", known_cardinality(dataset)
+        iterate_batches(dataset, "the Hessian dataset"),
+        show_progress,
+        "Gauss-Newton Hessian",
+        known_cardinality(dataset),
     )
     for batch in batches:
         total += _gauss_newton_batch(model, batch, sparse, tuple(watched)).numpy()

@@ -152,6 +152,10 @@ class DenseRule(LayerRule):
         if not any(watched) or not self._factored_is_cheaper(call_a, call_b):
             return super().gram(layer, call_a, call_b, watched)
         watch_kernel, watch_bias = watched[0], len(watched) > 1 and watched[1]
+        if call_a.inputs.shape.rank == 2 and call_b.inputs.shape.rank == 2:
+            inputs_a, inputs_b = _float32(call_a.inputs), _float32(call_b.inputs)
+            factor = tf.matmul(inputs_a, inputs_b, transpose_b=True) if watch_kernel else 0.0
+            return (factor + (1.0 if watch_bias else 0.0)) * tf.matmul(call_a.delta, call_b.delta, transpose_b=True)
         inputs_a, delta_a = _as_sequence(_float32(call_a.inputs)), _as_sequence(call_a.delta)
         inputs_b, delta_b = _as_sequence(_float32(call_b.inputs)), _as_sequence(call_b.delta)
         delta_products = tf.einsum("ato,bso->abts", delta_a, delta_b)
@@ -260,7 +264,8 @@ class ConvRule(LayerRule):
             padding=padding,
         )
         batch = tf.shape(patches)[0]
-        return tf.reshape(patches, [batch, -1, patches.shape[-1]]), tf.reshape(call.delta, [batch, -1, call.delta.shape[-1]])
+        patches = tf.reshape(patches, [batch, -1, patches.shape[-1]])
+        return patches, tf.reshape(call.delta, [batch, -1, call.delta.shape[-1]])
 
     def per_sample_gradients(self, layer, call):
         patches, delta = self._patches_and_delta(layer, call)
@@ -308,7 +313,8 @@ class EmbeddingRule(LayerRule):
         steps = ids_a.shape[1] * ids_b.shape[1] if None not in (ids_a.shape[1], ids_b.shape[1]) else None
         if steps is None or steps > int(np.prod(layer._embeddings.shape)):
             return super().gram(layer, call_a, call_b, watched)
-        same_token = tf.cast(tf.equal(ids_a[:, None, :, None], tf.cast(ids_b, ids_a.dtype)[None, :, None, :]), tf.float32)
+        ids_b = tf.cast(ids_b, ids_a.dtype)
+        same_token = tf.cast(tf.equal(ids_a[:, None, :, None], ids_b[None, :, None, :]), tf.float32)
         delta_a = tf.reshape(call_a.delta, [tf.shape(ids_a)[0], -1, call_a.delta.shape[-1]])
         delta_b = tf.reshape(call_b.delta, [tf.shape(ids_b)[0], -1, call_b.delta.shape[-1]])
         return tf.reduce_sum(same_token * tf.einsum("ato,bso->abts", delta_a, delta_b), axis=[2, 3])

@@ -34,7 +34,8 @@ def test_batch_hessian_matches_numpy_closed_form():
     influence_model = InfluenceModel(model)
     kernel, bias = [w.astype(np.float64) for w in model.layers[0].get_weights()]
     expected = numpy_softmax_hessian_sum(x, kernel, bias)
-    np.testing.assert_allclose(influence_model.batch_hessian_tensor((x, y)), expected, atol=1e-5 * np.abs(expected).max())
+    hessian = influence_model.batch_hessian_tensor((x, y))
+    np.testing.assert_allclose(hessian, expected, atol=1e-5 * np.abs(expected).max())
 
 
 def test_dense_hessian_jacobian_and_chunked_paths_agree_with_closed_form():
@@ -72,7 +73,9 @@ def test_mlp_hessian_matches_finite_differences_in_float64():
 
     step = 1e-5
     try:
-        columns = [(gradient_at(flat + step * e) - gradient_at(flat - step * e)) / (2 * step) for e in np.eye(flat.size)]
+        columns = [
+            (gradient_at(flat + step * e) - gradient_at(flat - step * e)) / (2 * step) for e in np.eye(flat.size)
+        ]
     finally:
         gradient_at(flat)
     np.testing.assert_allclose(hessian, np.stack(columns, axis=1), atol=1e-7)

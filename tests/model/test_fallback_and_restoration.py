@@ -105,7 +105,7 @@ def test_untraceable_subclassed_models_fall_back_correctly(model_class, reason):
         influence_model.batch_layer_io_tensor((x, y))
 
 
-@pytest.mark.parametrize("unknown", [Scale, lambda: keras.layers.BatchNormalization(), lambda: keras.layers.LayerNormalization()])
+@pytest.mark.parametrize("unknown", [Scale, keras.layers.BatchNormalization, keras.layers.LayerNormalization])
 def test_unknown_layers_fall_back_correctly(unknown):
     x, y = data()
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="tanh"), unknown(),

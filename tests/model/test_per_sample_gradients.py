@@ -151,7 +151,8 @@ def test_conv1d(options):
     check_closed_form(model, x, y, 0, 2)
 
 
-def test_embedding_and_einsum_dense_with_repeated_tokens():
+@pytest.mark.parametrize("bias_axes", ["d", "bd", "b"])
+def test_embedding_and_einsum_dense_with_repeated_tokens(bias_axes):
     rng = np.random.default_rng(6)
     ids = rng.integers(0, 5, (6, 4)).astype(np.int32)
     ids[:, 1] = ids[:, 0]
@@ -159,7 +160,7 @@ def test_embedding_and_einsum_dense_with_repeated_tokens():
     model = keras.Sequential([
         keras.Input((4,), dtype="int32"),
         keras.layers.Embedding(5, 3),
-        keras.layers.EinsumDense("abc,cd->abd", output_shape=(4, 2), bias_axes="d", activation="tanh"),
+        keras.layers.EinsumDense("abc,cd->abd", output_shape=(4, 2), bias_axes=bias_axes, activation="tanh"),
         keras.layers.EinsumDense("abc,bcd->ad", output_shape=3, bias_axes="d", activation="softmax"),
     ])
     check_closed_form(model, ids, y, 0, 2)
@@ -169,7 +170,9 @@ def test_partially_trainable_layer_keeps_weight_order():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(5, 3)).astype(np.float32)
     y = one_hot(rng.integers(0, 2, 5), 2)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2, activation="softmax")])
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2, activation="softmax")]
+    )
     model.layers[0].bias.trainable = False
     influence_model, jacobian = check_closed_form(model, x, y, 0, 1)
     assert influence_model.nb_params == 3 * 4 + 4 * 2 + 2 == jacobian.shape[1]
