@@ -99,9 +99,9 @@ def _finite_symmetric(hessian: np.ndarray) -> tf.Tensor:
     return hessian
 
 
-def _gauss_newton_layer(model: InfluenceModel) -> tuple[keras.layers.Dense, bool, list[bool]]:
-    """Check the Gauss-Newton closed form applies; return the layer, whether the loss takes
-    logits, and which of (kernel, bias) are watched."""
+def _check_gauss_newton(model: InfluenceModel) -> tuple[bool, list[bool]]:
+    """Check the Gauss-Newton closed form applies; return whether the loss takes sparse labels
+    and which of (kernel, bias) are watched."""
     def refuse(reason: str) -> ValueError:
         return ValueError(
             f"hessian='gauss_newton' needs the watched weights to be exactly one final Dense layer "
@@ -131,7 +131,7 @@ def _gauss_newton_layer(model: InfluenceModel) -> tuple[keras.layers.Dense, bool
         )
     parameters = [p.value.ref() if p is not None else None for p in DenseRule.parameters(layer)]
     watched = [p is not None and p in {w.ref() for w in model.weights} for p in parameters]
-    return layer, isinstance(loss, keras.losses.SparseCategoricalCrossentropy), watched
+    return isinstance(loss, keras.losses.SparseCategoricalCrossentropy), watched
 
 
 def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_progress: bool = False) -> tf.Tensor:
@@ -155,7 +155,7 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
         If the watched weights are not a single Dense layer producing the model's output under
         (sparse) categorical cross-entropy with the matching softmax/logits convention.
     """
-    _, sparse, watched = _gauss_newton_layer(model)
+    sparse, watched = _check_gauss_newton(model)
     model.check_dataset(dataset, "the Hessian dataset")
     dim = model.nb_params
     total = np.zeros((dim, dim), dtype=np.float64)
