@@ -1,0 +1,164 @@
+"""influence_lib side of the side-by-side benchmark (runs in the project's own interpreter).
+
+``prepare`` trains the MLP 64-128-10 once on the shared Gaussian-mixture data and writes the
+data, the final weights and the TracIn checkpoints to ``model.npz``; ``run`` times the workloads
+and prints one JSON line per workload (see :mod:`workloads`).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads  # noqa: E402
+from influence_lib.curvature import ConjugateGradientDescentIHVP, ExactIHVP  # noqa: E402
+from influence_lib.influence.first_order import FirstOrderInfluenceCalculator  # noqa: E402
+from influence_lib.model.influence_model import InfluenceModel  # noqa: E402
+
+SIDE = "influence_lib"
+
+
+def build_model(settings: workloads.Settings, weights: list[np.ndarray] | None = None) -> keras.Model:
+    """The MLP input_dim → hidden (ReLU) → n_classes (softmax)."""
+    model = keras.Sequential(
+        [
+            keras.Input((settings.input_dim,)),
+            keras.layers.Dense(settings.hidden_units, activation="relu"),
+            keras.layers.Dense(settings.n_classes, activation="softmax"),
+        ]
+    )
+    if weights is not None:
+        model.set_weights(weights)
+    return model
+
+
+def prepare(settings: workloads.Settings, workdir: Path) -> dict:
+    """Train once with SGD and store data, final weights and per-epoch checkpoints."""
+    keras.utils.set_random_seed(settings.seed)
+    inputs, labels = workloads.make_data(settings)
+    model = build_model(settings)
+    model.compile(
+        optimizer=keras.optimizers.SGD(settings.learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
+    arrays = {"inputs": inputs, "labels": labels}
+    accuracy = float("nan")
+    for epoch in range(1, settings.train_epochs + 1):
+        history = model.fit(inputs, labels, batch_size=settings.train_batch_size, epochs=1, shuffle=True, verbose=0)
+        accuracy = float(history.history["accuracy"][-1])
+        if epoch in settings.checkpoint_epochs:
+            for index, weight in enumerate(model.get_weights()):
+                arrays[f"epoch{epoch}_{index}"] = weight
+    for index, weight in enumerate(model.get_weights()):
+        arrays[f"final_{index}"] = weight
+    np.savez(workdir / "model.npz", **arrays)
+    return {"side": SIDE, "step": "prepare", "train_accuracy": accuracy}
+
+
+def dataset(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(batch_size)
+
+
+def self_influence(calculator, data: tf.data.Dataset) -> np.ndarray:
+    return np.concatenate([values.numpy() for _, values in calculator.compute_influence_values(data)])
+
+
+def run_exact(settings, model, inputs, labels) -> np.ndarray:
+    hessian_data = dataset(*workloads.hessian_part(inputs, labels, settings), settings.influence_lib_batch_size)
+    ihvp = ExactIHVP(model, hessian_data, show_progress=False)
+    calculator = FirstOrderInfluenceCalculator(model, hessian_data, ihvp_calculator=ihvp, show_progress=False)
+    return self_influence(calculator, dataset(inputs, labels, settings.influence_lib_batch_size))
+
+
+def run_cg(settings, model, inputs, labels) -> np.ndarray:
+    hessian_data = dataset(*workloads.hessian_part(inputs, labels, settings), settings.influence_lib_batch_size)
+    ihvp = ConjugateGradientDescentIHVP(
+        model, hessian_data, n_opt_iters=settings.cg_max_iterations, tolerance=settings.cg_tolerance
+    )
+    calculator = FirstOrderInfluenceCalculator(model, hessian_data, ihvp_calculator=ihvp, show_progress=False)
+    return self_influence(calculator, dataset(inputs, labels, settings.cg_influence_lib_rhs_batch_size))
+
+
+def run_tracin(settings, arrays, inputs, labels) -> np.ndarray:
+    from influence_lib.influence.tracin import TracIn
+
+    models = [
+        InfluenceModel(build_model(settings, workloads.weights_of(arrays, prefix)), start_layer=-1)
+        for prefix in workloads.checkpoint_prefixes(settings)
+    ]
+    calculator = TracIn(models, settings.learning_rate, show_progress=False)
+    return self_influence(calculator, dataset(inputs, labels, settings.influence_lib_batch_size))
+
+
+def run_arnoldi(settings, model, inputs, labels) -> np.ndarray:
+    from influence_lib.influence.arnoldi import ArnoldiInfluenceCalculator
+
+    hessian_data = dataset(*workloads.hessian_part(inputs, labels, settings), settings.influence_lib_batch_size)
+    calculator = ArnoldiInfluenceCalculator(
+        model,
+        hessian_data,
+        settings.arnoldi_subspace_dim,
+        force_hermitian=True,
+        k_largest_eig_vals=settings.arnoldi_k,
+        seed=settings.seed,
+        show_progress=False,
+    )
+    return self_influence(calculator, dataset(inputs, labels, settings.influence_lib_batch_size))
+
+
+def module_available(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def run(settings: workloads.Settings, workdir: Path, names: list[str]) -> Iterator[dict]:
+    """Time each workload; yield its JSON summary as soon as it is done."""
+    arrays = workloads.load_model_file(workdir)
+    inputs, labels = arrays["inputs"], arrays["labels"]
+    model = InfluenceModel(build_model(settings, workloads.weights_of(arrays)), start_layer=-1)
+    for name in names:
+        if name == "tracin" and not module_available("influence_lib.influence.tracin"):
+            yield {"side": SIDE, "workload": name, "skipped": "influence_lib.influence.tracin not found"}
+            continue
+        if name == "arnoldi" and not module_available("influence_lib.influence.arnoldi"):
+            yield {"side": SIDE, "workload": name, "skipped": "influence_lib.influence.arnoldi not found"}
+            continue
+        if name == "exact":
+            values, times = workloads.timed(lambda: run_exact(settings, model, inputs, labels), settings.repeats)
+            yield workloads.record(workdir, SIDE, name, values, times)
+        elif name == "cg":
+            values, times = workloads.timed(lambda: run_cg(settings, model, inputs, labels), settings.repeats)
+            yield workloads.record(workdir, SIDE, name, values, times, n_solved=int(values.size))
+        elif name == "tracin":
+            values, times = workloads.timed(lambda: run_tracin(settings, arrays, inputs, labels), settings.repeats)
+            yield workloads.record(workdir, SIDE, name, values, times)
+        elif name == "arnoldi":
+            values, times = workloads.timed(lambda: run_arnoldi(settings, model, inputs, labels), settings.repeats)
+            yield workloads.record(workdir, SIDE, name, values, times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("step", choices=["prepare", "run"])
+    parser.add_argument("--workdir", type=Path, required=True, help="Holds settings.json and model.npz.")
+    parser.add_argument("--workloads", default=",".join(workloads.WORKLOADS))
+    args = parser.parse_args(argv)
+    settings = workloads.Settings.load(args.workdir / "settings.json")
+    if args.step == "prepare":
+        print(json.dumps(prepare(settings, args.workdir)), flush=True)
+        return
+    for result in run(settings, args.workdir, workloads.parse_workloads(args.workloads)):
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
