@@ -76,8 +76,8 @@ class MLPTrainingProcedure(TrainingProcedure):
     epochs, batch_size, learning_rate
         Adam training settings (categorical cross-entropy on the softmax outputs).
     checkpoint_every_n_epochs
-        Period of the TracIn checkpoints, when they are asked for (None: ``max(1, epochs // 5)``,
-        about five checkpoints).
+        Period of the TracIn checkpoints, when they are asked for (None: ``max(1, epochs // 6)``,
+        about six checkpoints — every 5 epochs for 30 epochs).
     output_bias
         Whether the output layer has a bias. Off by default so that every method applies
         (RPS-LJE decomposes a last layer without bias).
@@ -106,7 +106,7 @@ class MLPTrainingProcedure(TrainingProcedure):
         callbacks, checkpoint_callback = [], None
         if checkpoint_directory is not None:
             os.makedirs(checkpoint_directory, exist_ok=True)
-            period = self.checkpoint_every_n_epochs or max(1, self.epochs // 5)
+            period = self.checkpoint_every_n_epochs or max(1, self.epochs // 6)
             checkpoint_callback = _tracin_checkpoint_callback(checkpoint_directory, period)
             callbacks.append(checkpoint_callback)
         model.fit(

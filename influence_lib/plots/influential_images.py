@@ -73,7 +73,7 @@ def plot_influential_images(
     for name, images, labels, values in rows:
         if not len(images) == len(labels) == len(values):
             raise ValueError(f"{name}: images, labels and values must have the same length.")
-    figure, axes = plt.subplots(len(rows), k + 1, figsize=(1.6 * (k + 1), 1.9 * len(rows)), squeeze=False)
+    figure, axes = plt.subplots(len(rows), k + 1, figsize=(1.6 * (k + 1), 2.3 * len(rows)), squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
     image, cmap = _as_image(test_image)
