@@ -13,6 +13,7 @@ from .curvature import (
     ExactIHVP,
     ExactIHVPFactory,
     HessianOperator,
+    gauss_newton_hessian,
     IHVPCalculator,
     InverseHessianVectorProduct,
     InverseHessianVectorProductFactory,
@@ -72,4 +73,5 @@ __all__ = [
     "WeightsBoundaryCalculator",
     "default_process_batch",
     "extract_only_values",
+    "gauss_newton_hessian",
 ]

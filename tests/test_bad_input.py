@@ -98,7 +98,7 @@ def test_inputs_of_the_wrong_shape(setup):
     _, dataset, _, _, influence_model = setup
     calculator = _calculator(influence_model, dataset)
     wrong = tf.data.Dataset.from_tensor_slices((np.zeros((8, 5), np.float32), np.zeros((8, 3), np.float32))).batch(4)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="the model expects inputs of shape"):
         calculator.compute_top_k_from_training_dataset(wrong, 2)
 
 
@@ -147,3 +147,11 @@ def test_user_model_and_data_are_not_modified(setup):
     for old, new in zip(before, model.weights):
         np.testing.assert_array_equal(old, new.numpy())
     np.testing.assert_array_equal(x, x_before)
+
+
+def test_compiled_methods_work_on_a_temporary_influence_model(setup):
+    _, dataset, x, y, influence_model = setup
+    batch = next(iter(dataset))
+    np.testing.assert_array_equal(
+        il.InfluenceModel(setup[0]).batch_jacobian_tensor(batch).numpy(), influence_model.batch_jacobian_tensor(batch).numpy()
+    )

@@ -12,7 +12,7 @@ from .factory import (
     LissaIHVPFactory,
     make_ihvp,
 )
-from .hessian import HessianOperator
+from .hessian import HessianOperator, gauss_newton_hessian
 from .lissa import LissaIHVP
 
 __all__ = [
@@ -30,5 +30,6 @@ __all__ = [
     "LissaIHVPFactory",
     "arnoldi_iteration",
     "batched_conjugate_gradient",
+    "gauss_newton_hessian",
     "make_ihvp",
 ]

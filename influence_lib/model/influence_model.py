@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..common.compiled import compiled_method
 from ..common.datasets import Batch, check_dataset, iterate_batches
 from .layer_recorder import LayerRecorder, Recording
 from .layer_rules import LayerCall, rule_for
@@ -166,6 +167,12 @@ class InfluenceModel:
                     f"{name} looks unbatched: its inputs have shape {inputs_spec.shape} but the model expects "
                     f"a batch of shape {tuple(model_inputs[0].shape)}. Call {name}.batch(batch_size) first."
                 )
+            expected = tf.TensorShape([None, *model_inputs[0].shape[1:]])
+            if len(model_inputs) == 1 and not expected.is_compatible_with(inputs_spec.shape):
+                raise ValueError(
+                    f"{name} has inputs of shape {inputs_spec.shape} but the model expects inputs of shape "
+                    f"{tuple(model_inputs[0].shape)}: pass data of the shape the model was built for."
+                )
 
     def flatten(self, tensors: Sequence[tf.Tensor], batch_dims: int = 0) -> tf.Tensor:
         """Concatenate per-weight tensors into flat vectors, keeping ``batch_dims`` leading axes."""
@@ -197,7 +204,7 @@ class InfluenceModel:
             losses = losses * tf.cast(tf.reshape(sample_weight, [-1]), losses.dtype)
         return losses
 
-    @tf.function(reduce_retracing=True)
+    @compiled_method
     def batch_loss_tensor(self, batch: Batch) -> tf.Tensor:
         """Per-sample losses of one batch, shape ``(batch,)`` (sample weights applied)."""
         return self._per_sample_loss(batch)
@@ -268,7 +275,7 @@ class InfluenceModel:
         record = self._record(batch)
         return self._jacobian_blocks(batch) if record is None else self._closed_form_blocks(record)
 
-    @tf.function(reduce_retracing=True)
+    @compiled_method
     def batch_jacobian_tensor(self, batch: Batch) -> tf.Tensor:
         """Per-sample gradients of the loss w.r.t. the watched weights, shape ``(batch, nb_params)``.
 
@@ -279,7 +286,7 @@ class InfluenceModel:
         blocks = self._blocks(batch)
         return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=1)
 
-    @tf.function(reduce_retracing=True)
+    @compiled_method
     def batch_jacobian_blocks(self, batch: Batch) -> list[tf.Tensor]:
         """Per-sample gradients split by watched layer: one ``(batch, P_l)`` tensor per layer of
         :attr:`closed_form_layers`; concatenated along axis 1 they equal :meth:`batch_jacobian_tensor`."""
@@ -290,7 +297,7 @@ class InfluenceModel:
         """Reshape per-sample gradients ``(B, *shape)`` of each weight to ``(B, size)``."""
         return [tf.reshape(g, [tf.shape(g)[0], -1]) for g in gradients]
 
-    @tf.function(reduce_retracing=True)
+    @compiled_method
     def batch_gradient_dot_tensor(self, batch_a: Batch, batch_b: Batch) -> tf.Tensor:
         """Dot products of per-sample gradients ``⟨g_i, g_j⟩`` between two batches, shape ``(A, B)``.
 
@@ -317,7 +324,7 @@ class InfluenceModel:
         layer, rule, watched = self.closed_form_layers[index], self._recorder.rules[index], self._watched_mask(index)
         return tf.add_n([rule.flat_gradients(layer, call, watched) for call in calls])
 
-    @tf.function(reduce_retracing=True)
+    @compiled_method
     def batch_gradient_norm_sq_tensor(self, batch: Batch) -> tf.Tensor:
         """Squared norms of the per-sample gradients ``‖g_i‖²``, shape ``(batch,)``.
 
@@ -335,7 +342,7 @@ class InfluenceModel:
                 norms.append(tf.reduce_sum(tf.square(self._summed_flat_gradients(index, calls)), axis=1))
         return tf.cast(tf.add_n(norms), self.weights[0].dtype)
 
-    @tf.function(reduce_retracing=True)
+    @compiled_method
     def batch_layer_io_tensor(self, batch: Batch) -> list[list[tuple[tf.Tensor, tf.Tensor]]]:
         """Inputs and float32 pre-activation outputs of every call of every watched layer.
 
@@ -348,7 +355,7 @@ class InfluenceModel:
             raise ValueError(f"The watched layers cannot be recorded: {self.fallback_reason}.")
         return [[(call.inputs, call.preactivation) for call in calls] for calls in record.calls]
 
-    @tf.function(reduce_retracing=True)
+    @compiled_method
     def batch_gradient_tensor(self, batch: Batch) -> tf.Tensor:
         """Gradient of the summed loss of one batch w.r.t. the watched weights, shape ``(nb_params,)``."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -356,7 +363,7 @@ class InfluenceModel:
             loss = tf.reduce_sum(self._per_sample_loss(batch))
         return self.flatten(tape.gradient(loss, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
-    @tf.function(reduce_retracing=True)
+    @compiled_method
     def batch_hvp_tensor(self, batch: Batch, vectors: tf.Tensor) -> tf.Tensor:
         """Hessian of the summed loss of one batch times each row of ``vectors``.
 
@@ -377,7 +384,7 @@ class InfluenceModel:
         )
         return self.flatten(hvps, batch_dims=1)
 
-    @tf.function(reduce_retracing=True)
+    @compiled_method
     def batch_hessian_tensor(self, batch: Batch) -> tf.Tensor:
         """Hessian of the summed loss of one batch, shape ``(nb_params, nb_params)``.
 
