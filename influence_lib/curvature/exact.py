@@ -7,8 +7,10 @@ answer whenever ``v`` lies in the range of ``H`` — for instance gradients of a
 cross-entropy, whose Hessian is always singular along the "add a constant to every logit"
 direction. With ``λ > 0`` the damped matrix is inverted and must be non-singular.
 
-Cost: P Hessian-vector products per batch of the Hessian dataset (built in one pass, no
-per-sample Hessian), O(P²) memory and one O(P³) eigendecomposition (done in float64).
+Cost: one pass over the Hessian dataset — the jacobian of each batch's summed gradient when
+P ≤ 512, else P Hessian-vector products per batch; never a per-sample Hessian (or, with
+``hessian="gauss_newton"``, the closed form of a last softmax Dense layer) — then O(P²) memory
+and one O(P³) eigendecomposition (done in float64).
 Koh & Liang, "Understanding Black-box Predictions via Influence Functions", ICML 2017.
 """
 import numpy as np
