@@ -80,10 +80,11 @@ def run(arguments: argparse.Namespace) -> dict:
         best_run.scores, is_flipped, log_scale=bool((best_run.scores > 0).all()),
         title=f"{best.name} scores, seed {best_run.seed}",
     )
-    histogram_path = os.path.join(arguments.out, "self_influence_histogram.png")
+    histogram_path = os.path.abspath(os.path.join(arguments.out, "self_influence_histogram.png"))
     histogram.savefig(histogram_path, dpi=120, bbox_inches="tight")
-    print(f"Total time {elapsed:.1f} s. Results: {os.path.join(arguments.out, 'results.json')}")
-    print(f"Detection curves: {os.path.join(arguments.out, 'detection_curves.png')}; score histogram: {histogram_path}")
+    print(f"Total time {elapsed:.1f} s. Results: {os.path.abspath(os.path.join(arguments.out, 'results.json'))}")
+    print(f"Detection curves: {os.path.abspath(os.path.join(arguments.out, 'detection_curves.png'))}")
+    print(f"Score histogram: {histogram_path}")
     return results
 
 
