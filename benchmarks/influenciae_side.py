@@ -107,7 +107,11 @@ def run(settings: workloads.Settings, workdir: Path, names: list[str]) -> Iterat
     }
     for name in names:
         repeats = settings.slow_repeats if name in ("exact", "cg", "arnoldi") else settings.repeats
-        values, times = workloads.timed(runners[name], repeats)
+        try:
+            values, times = workloads.timed(runners[name], repeats)
+        except Exception as error:  # reported by the orchestrator; the other workloads still run
+            yield workloads.failure(SIDE, name, error)
+            continue
         yield workloads.record(workdir, SIDE, name, values, times)
 
 

@@ -169,18 +169,26 @@ def main(argv: list[str] | None = None) -> None:
             args.workdir / "influenciae.log",
             {"TF_USE_LEGACY_KERAS": "1"},
         )
-    results = {(result["side"], result["workload"]): result for result in ours + theirs if "skipped" not in result}
+    errors = [result for result in ours + theirs if "error" in result]
+    results = {
+        (result["side"], result["workload"]): result
+        for result in ours + theirs
+        if "skipped" not in result and "error" not in result
+    }
 
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
+    for error in errors:
+        print(f"FAILED {error['side']} {error['workload']}: {error['error']} (traceback-free summary; see the logs)")
     for name in measured:
-        result = results[("influence_lib", name)]
-        print(
-            f"influence_lib {name}: {result['n_values']} values, cold {result['cold_seconds']:.2f} s, "
-            f"warm {result['warm_seconds']:.2f} s, all finite: {result['finite']}"
-        )
+        result = results.get(("influence_lib", name))
+        if result is not None:
+            print(
+                f"influence_lib {name}: {result['n_values']} values, cold {result['cold_seconds']:.2f} s, "
+                f"warm {result['warm_seconds']:.2f} s, all finite: {result['finite']}"
+            )
     rows = [compare(name, results[("influence_lib", name)], results[("influenciae", name)], args.workdir)
-            for name in measured if ("influenciae", name) in results]
+            for name in measured if ("influence_lib", name) in results and ("influenciae", name) in results]
     if rows:
         print()
         print(markdown_table(settings, rows, results))
@@ -189,10 +197,13 @@ def main(argv: list[str] | None = None) -> None:
         "results": list(results.values()),
         "comparisons": rows,
         "skipped": skipped,
+        "errors": errors,
         "total_seconds": time.perf_counter() - started,
     }
     (args.workdir / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"\nTotal {summary['total_seconds']:.0f} s; details in {args.workdir / 'results.json'}")
+    if errors:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,12 @@ def record(workdir: Path, side: str, workload: str, values: np.ndarray, times: l
     }
 
 
+def failure(side: str, workload: str, error: Exception) -> dict:
+    """JSON summary of a workload that raised: the error type and the first line of its message."""
+    message = str(error).strip().splitlines()
+    return {"side": side, "workload": workload, "error": f"{type(error).__name__}: {message[0] if message else ''}"}
+
+
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict:
     """How closely ``other`` reproduces ``reference``.
 
