@@ -33,10 +33,24 @@ def results_table(results: Mapping[str, MethodResult], markdown: bool = False) -
     return "\n".join(lines)
 
 
+MAX_CURVE_POINTS = 1001
+
+
+def _curve_points(fraction_found: np.ndarray) -> tuple[list[float], list[float]]:
+    """The detection curve at no more than ``MAX_CURVE_POINTS`` evenly spaced points (ends included)."""
+    inspected = np.linspace(0.0, 1.0, fraction_found.size)
+    if fraction_found.size > MAX_CURVE_POINTS:
+        kept = np.unique(np.linspace(0, fraction_found.size - 1, MAX_CURVE_POINTS).round().astype(int))
+        inspected, fraction_found = inspected[kept], fraction_found[kept]
+    return np.round(inspected, 6).tolist(), np.round(fraction_found, 6).tolist()
+
+
 def results_to_dict(results: Mapping[str, MethodResult], config: Mapping | None = None) -> dict:
-    """A JSON-serializable summary: config, per-method mean/std and per-seed numbers and curves."""
+    """A JSON-serializable summary: config, per-method mean/std, per-seed numbers and the mean
+    detection curve (at most ``MAX_CURVE_POINTS`` points)."""
     methods = {}
     for name, result in results.items():
+        inspected, found = _curve_points(result.mean_fraction_found)
         methods[name] = {
             "roc_auc_mean": result.roc_auc_mean,
             "roc_auc_std": result.roc_auc_std,
@@ -44,7 +58,8 @@ def results_to_dict(results: Mapping[str, MethodResult], config: Mapping | None 
             "curve_area_std": result.curve_area_std,
             "seconds_mean": result.seconds_mean,
             "seconds_std": result.seconds_std,
-            "mean_fraction_found": np.round(result.mean_fraction_found, 6).tolist(),
+            "mean_curve_fraction_inspected": inspected,
+            "mean_curve_fraction_found": found,
             "runs": [
                 {
                     "seed": run.seed,

@@ -18,7 +18,8 @@ def test_cli_runs_a_tiny_benchmark(tmp_path, capsys):
     assert set(saved["methods"]) == {"loss", "random", "first_order_exact"}
     assert len(saved["methods"]["loss"]["runs"]) == 2
     assert saved["config"]["nb_train"] == 120 and saved["config"]["mislabeling_ratio"] == 0.1
-    assert len(saved["methods"]["loss"]["mean_fraction_found"]) == 121
+    assert len(saved["methods"]["loss"]["mean_curve_fraction_found"]) == 121
+    assert saved["methods"]["loss"]["mean_curve_fraction_inspected"][-1] == 1.0
     assert (out / "detection_curves.png").stat().st_size > 0
     assert (out / "self_influence_histogram.png").stat().st_size > 0
 

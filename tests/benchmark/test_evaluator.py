@@ -199,3 +199,15 @@ def test_every_registered_method_scores_every_training_sample(evaluator):
         assert run.scores.shape == (60,), name
         assert np.isfinite(run.scores).all(), name
         assert 0.0 <= run.roc_auc <= 1.0 and run.seconds >= 0
+
+
+def test_json_curve_is_subsampled_keeping_its_ends():
+    from influence_lib.benchmark.evaluator import MethodResult, RunResult
+    from influence_lib.benchmark.report import MAX_CURVE_POINTS, results_to_dict
+
+    found = np.linspace(0.0, 1.0, 5001) ** 0.5
+    run = RunResult(0, 0.9, 0.8, found, 1.0, 0.9, 0.9, np.zeros(5000), np.arange(3))
+    saved = results_to_dict({"m": MethodResult("m", [run])})["methods"]["m"]
+    assert len(saved["mean_curve_fraction_found"]) == MAX_CURVE_POINTS
+    assert saved["mean_curve_fraction_inspected"][0] == 0.0 and saved["mean_curve_fraction_inspected"][-1] == 1.0
+    np.testing.assert_allclose(saved["mean_curve_fraction_found"], np.sqrt(saved["mean_curve_fraction_inspected"]), atol=1e-5)
