@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rank the training samples with each method, report ROC-AUC, detection curves and time.",
     )
     parser.add_argument("--dataset", default="digits", help="digits (offline, default), fashion_mnist or cifar10")
-    parser.add_argument("--data-path", default=None, help="local directory of the dataset files (fashion_mnist, cifar10)")
+    parser.add_argument(
+        "--data-path", default=None, help="local directory of the dataset files (fashion_mnist, cifar10)"
+    )
     parser.add_argument("--noise", type=float, default=0.1, help="fraction of training labels flipped (default 0.1)")
     parser.add_argument("--methods", default="all", help="'all' or a comma-separated list of method names")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (trainings) to average over")
@@ -65,7 +67,9 @@ def run(arguments: argparse.Namespace) -> dict:
     results = evaluator.bench(factories, arguments.seeds, arguments.out, seed=arguments.first_seed)
     elapsed = time.perf_counter() - start
     first_runs = next(iter(results.values())).runs
-    accuracies = ", ".join(f"seed {run.seed}: train {run.train_accuracy:.3f} / test {run.test_accuracy:.3f}" for run in first_runs)
+    accuracies = ", ".join(
+        f"seed {run.seed}: train {run.train_accuracy:.3f} / test {run.test_accuracy:.3f}" for run in first_runs
+    )
     print(
         f"\nMislabel detection on {data.name} ({len(data.y_train)} training samples, {arguments.noise:.0%} labels "
         f"flipped, MLP {hidden_units}, {arguments.seeds} seed(s)); mean ± std over seeds\n"

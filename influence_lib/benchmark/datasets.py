@@ -122,10 +122,8 @@ def load_fashion_mnist(path: str | None = None) -> ClassificationData:
     """Fashion-MNIST from a directory of IDX files (default: the Debian package's), else keras.datasets."""
     directory = path if path is not None else FASHION_MNIST_DIRECTORY
     if os.path.isdir(directory):
-        arrays = [
-            _read_idx(_find_idx(directory, stem))
-            for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-        ]
+        stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+        arrays = [_read_idx(_find_idx(directory, stem)) for stem in stems]
     elif path is not None:
         raise FileNotFoundError(f"Fashion-MNIST directory {path!r} does not exist.")
     else:

@@ -121,11 +121,15 @@ def _to_numpy(dataset, name: str, nb_classes: int) -> tuple[np.ndarray, np.ndarr
             f"got {type(dataset).__name__}."
         )
     if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"{name}: inputs and labels must be non-empty and of the same length, got {len(x)} and {len(y)}.")
+        raise ValueError(
+            f"{name}: inputs and labels must be non-empty and of the same length, got {len(x)} and {len(y)}."
+        )
     if y.ndim == 2 and y.shape[1] == nb_classes:
         y = y.argmax(axis=1)
     if y.ndim != 1:
-        raise ValueError(f"{name}: labels must be class indices (n,) or one-hot (n, {nb_classes}), got shape {y.shape}.")
+        raise ValueError(
+            f"{name}: labels must be class indices (n,) or one-hot (n, {nb_classes}), got shape {y.shape}."
+        )
     return x.astype(np.float32), y.astype(np.int64)
 
 
@@ -162,15 +166,20 @@ class MislabelingDetectorEvaluator:
         if not isinstance(training_procedure, TrainingProcedure):
             raise TypeError(f"training_procedure must be a TrainingProcedure, got {type(training_procedure).__name__}.")
         if not 0.0 < float(mislabeling_ratio) < 1.0:
-            raise ValueError(f"mislabeling_ratio must be in (0, 1) so that both flipped and clean samples exist, got {mislabeling_ratio!r}.")
-        if isinstance(influence_batch_size, bool) or not isinstance(influence_batch_size, int) or influence_batch_size < 1:
+            raise ValueError(
+                "mislabeling_ratio must be in (0, 1) so that both flipped and clean samples exist, "
+                f"got {mislabeling_ratio!r}."
+            )
+        batch_size_is_valid = isinstance(influence_batch_size, int) and not isinstance(influence_batch_size, bool)
+        if not batch_size_is_valid or influence_batch_size < 1:
             raise ValueError(f"influence_batch_size must be a positive integer, got {influence_batch_size!r}.")
         self.nb_classes = int(nb_classes)
         self.x_train, self.y_train = _to_numpy(training_dataset, "training_dataset", self.nb_classes)
         self.x_test, self.y_test = _to_numpy(test_dataset, "test_dataset", self.nb_classes)
         if round(float(mislabeling_ratio) * len(self.y_train)) < 1:
             raise ValueError(
-                f"mislabeling_ratio={mislabeling_ratio} flips no label of {len(self.y_train)} training samples; raise it."
+                f"mislabeling_ratio={mislabeling_ratio} flips no label of {len(self.y_train)} training samples; "
+                "raise it."
             )
         self.training_procedure = training_procedure
         self.mislabeling_ratio = float(mislabeling_ratio)
@@ -257,7 +266,9 @@ class MislabelingDetectorEvaluator:
             scores = np.asarray(factory.score(trained, train_set), dtype=np.float64).reshape(-1)
             seconds = time.perf_counter() - start
             if scores.shape != is_flipped.shape:
-                raise ValueError(f"Method {name!r} returned {scores.size} scores for {is_flipped.size} training samples.")
+                raise ValueError(
+                    f"Method {name!r} returned {scores.size} scores for {is_flipped.size} training samples."
+                )
             _, fraction_found = detection_curve(scores, is_flipped)
             inspected = np.linspace(0.0, 1.0, fraction_found.size)
             results[name] = RunResult(

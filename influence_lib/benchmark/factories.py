@@ -223,7 +223,8 @@ class GradientNormFactory(MethodFactory):
 
     def score(self, trained, train_set) -> np.ndarray:
         model = InfluenceModel(trained.model, start_layer=self.start_layer)
-        squared_norms = [model.batch_gradient_norm_sq_tensor(batch) for batch in iterate_batches(train_set, "train_set")]
+        batches = iterate_batches(train_set, "train_set")
+        squared_norms = [model.batch_gradient_norm_sq_tensor(batch) for batch in batches]
         return np.sqrt(tf.concat(squared_norms, axis=0).numpy())
 
 

@@ -31,7 +31,9 @@ def flip_labels(
             "(for one-hot labels pass labels.argmax(axis=1))."
         )
     if isinstance(nb_classes, bool) or not isinstance(nb_classes, (int, np.integer)) or nb_classes < 2:
-        raise ValueError(f"nb_classes must be an integer ≥ 2 (a label can only be flipped to another class), got {nb_classes!r}.")
+        raise ValueError(
+            f"nb_classes must be an integer ≥ 2 (a label can only be flipped to another class), got {nb_classes!r}."
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= nb_classes):
         raise ValueError(f"labels must lie in [0, {nb_classes}), got values in [{labels.min()}, {labels.max()}].")
     if not 0.0 <= float(mislabeling_ratio) <= 1.0:

@@ -110,7 +110,13 @@ class MLPTrainingProcedure(TrainingProcedure):
             checkpoint_callback = _tracin_checkpoint_callback(checkpoint_directory, period)
             callbacks.append(checkpoint_callback)
         model.fit(
-            x_train, y_train, batch_size=self.batch_size, epochs=self.epochs, verbose=0, shuffle=True, callbacks=callbacks
+            x_train,
+            y_train,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            verbose=0,
+            shuffle=True,
+            callbacks=callbacks,
         )
         train_accuracy = float(model.evaluate(x_train, y_train, batch_size=512, verbose=0)[1])
         test_accuracy = float(model.evaluate(x_test, y_test, batch_size=512, verbose=0)[1])

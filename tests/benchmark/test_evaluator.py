@@ -164,7 +164,8 @@ def test_bad_inputs_raise_clear_errors(evaluator):
 def test_accepts_an_unbatched_dataset_with_one_hot_labels():
     x, labels = blobs(20, 0)
     dataset = tf.data.Dataset.from_tensor_slices((x, np.eye(NB_CLASSES, dtype=np.float32)[labels]))
-    evaluator = MislabelingDetectorEvaluator(dataset, blobs(5, 1), MLPTrainingProcedure((4,), epochs=1), NB_CLASSES, 0.1)
+    procedure = MLPTrainingProcedure((4,), epochs=1)
+    evaluator = MislabelingDetectorEvaluator(dataset, blobs(5, 1), procedure, NB_CLASSES, 0.1)
     np.testing.assert_array_equal(evaluator.y_train, labels)
     np.testing.assert_allclose(evaluator.x_train, x)
 
@@ -210,4 +211,5 @@ def test_json_curve_is_subsampled_keeping_its_ends():
     saved = results_to_dict({"m": MethodResult("m", [run])})["methods"]["m"]
     assert len(saved["mean_curve_fraction_found"]) == MAX_CURVE_POINTS
     assert saved["mean_curve_fraction_inspected"][0] == 0.0 and saved["mean_curve_fraction_inspected"][-1] == 1.0
-    np.testing.assert_allclose(saved["mean_curve_fraction_found"], np.sqrt(saved["mean_curve_fraction_inspected"]), atol=1e-5)
+    inspected, found = saved["mean_curve_fraction_inspected"], saved["mean_curve_fraction_found"]
+    np.testing.assert_allclose(found, np.sqrt(inspected), atol=1e-5)
