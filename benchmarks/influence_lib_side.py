@@ -26,7 +26,11 @@ from influence_lib.model.influence_model import InfluenceModel  # noqa: E402
 
 SIDE = "influence_lib"
 # Workloads whose method may not be in this version of influence_lib yet: skipped with a note.
-OPTIONAL_MODULES = {"tracin": "influence_lib.influence.tracin", "arnoldi": "influence_lib.influence.arnoldi"}
+OPTIONAL_MODULES = {
+    "tracin": "influence_lib.influence.tracin",
+    "tracin_all": "influence_lib.influence.tracin",
+    "arnoldi": "influence_lib.influence.arnoldi",
+}
 
 
 def build_model(settings: workloads.Settings, weights: list[np.ndarray] | None = None) -> keras.Model:
@@ -91,11 +95,14 @@ def run_cg(settings, model, inputs, labels) -> np.ndarray:
     return self_influence(calculator, dataset(inputs, labels, settings.cg_influence_lib_rhs_batch_size))
 
 
-def run_tracin(settings, arrays, inputs, labels) -> np.ndarray:
+def run_tracin(settings, arrays, inputs, labels, layers: tuple[int, int | None]) -> np.ndarray:
     from influence_lib.influence.tracin import TracIn
 
+    start_layer, last_layer = layers
     models = [
-        InfluenceModel(build_model(settings, workloads.weights_of(arrays, prefix)), start_layer=-1)
+        InfluenceModel(
+            build_model(settings, workloads.weights_of(arrays, prefix)), start_layer=start_layer, last_layer=last_layer
+        )
         for prefix in workloads.checkpoint_prefixes(settings)
     ]
     calculator = TracIn(models, settings.learning_rate, show_progress=False)
@@ -130,7 +137,8 @@ def run(settings: workloads.Settings, workdir: Path, names: list[str]) -> Iterat
     runners = {
         "exact": lambda: run_exact(settings, model, inputs, labels),
         "cg": lambda: run_cg(settings, model, inputs, labels),
-        "tracin": lambda: run_tracin(settings, arrays, inputs, labels),
+        "tracin": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin"]),
+        "tracin_all": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin_all"]),
         "arnoldi": lambda: run_arnoldi(settings, model, inputs, labels),
     }
     for name in names:

@@ -48,9 +48,12 @@ def build_model(settings: workloads.Settings, weights: list[np.ndarray]) -> tf.k
     return model
 
 
-def influence_model(settings: workloads.Settings, weights: list[np.ndarray]) -> InfluenceModel:
+def influence_model(
+    settings: workloads.Settings, weights: list[np.ndarray], layers: tuple[int, int | None] = (-1, None)
+) -> InfluenceModel:
     loss = CategoricalCrossentropy(from_logits=False, reduction=Reduction.NONE)
-    return InfluenceModel(build_model(settings, weights), start_layer=-1, loss_function=loss)
+    start_layer, last_layer = layers
+    return InfluenceModel(build_model(settings, weights), start_layer, last_layer, loss_function=loss)
 
 
 def dataset(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
@@ -76,9 +79,9 @@ def run_cg(settings, model, inputs, labels) -> np.ndarray:
     return self_influence(calculator, subset)
 
 
-def run_tracin(settings, arrays, inputs, labels) -> np.ndarray:
+def run_tracin(settings, arrays, inputs, labels, layers: tuple[int, int | None]) -> np.ndarray:
     models = [
-        influence_model(settings, workloads.weights_of(arrays, prefix))
+        influence_model(settings, workloads.weights_of(arrays, prefix), layers)
         for prefix in workloads.checkpoint_prefixes(settings)
     ]
     calculator = TracIn(models, settings.learning_rate)
@@ -102,13 +105,13 @@ def run(settings: workloads.Settings, workdir: Path, names: list[str]) -> Iterat
     runners = {
         "exact": lambda: run_exact(settings, model, inputs, labels),
         "cg": lambda: run_cg(settings, model, inputs, labels),
-        "tracin": lambda: run_tracin(settings, arrays, inputs, labels),
+        "tracin": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin"]),
+        "tracin_all": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin_all"]),
         "arnoldi": lambda: run_arnoldi(settings, model, inputs, labels),
     }
     for name in names:
-        repeats = settings.slow_repeats if name in ("exact", "cg", "arnoldi") else settings.repeats
         try:
-            values, times = workloads.timed(runners[name], repeats)
+            values, times = workloads.timed(runners[name], settings.repeats)
         except Exception as error:  # reported by the orchestrator; the other workloads still run
             yield workloads.failure(SIDE, name, error)
             continue

@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with the project's interpreter)::
 
-    .venv/bin/python benchmarks/run.py [--quick] [--workloads exact,cg,tracin,arnoldi]
+    .venv/bin/python benchmarks/run.py [--quick] [--workloads exact,cg,tracin,tracin_all,arnoldi]
                                        [--peer-python PATH | --no-peer]
 
 Each library runs in its own interpreter: influence_lib in this one, Influenciae 0.3.0 in a
@@ -99,7 +99,8 @@ NOTES = {
     "exact": "Hessian over the first {hessian} samples, pseudo-inverse on both sides",
     "cg": "per-sample ratio: Influenciae solves {subset} samples one at a time, influence_lib all {n}; "
     "{iterations} iterations",
-    "tracin": "{checkpoints} checkpoints, same learning rate",
+    "tracin": "{checkpoints} checkpoints, same learning rate, last layer",
+    "tracin_all": "{checkpoints} checkpoints, same learning rate, all layers (P = 9610)",
     "arnoldi": "timing only: Influenciae keeps the k smallest eigenvalues (a bug), so values differ",
 }
 

@@ -15,8 +15,9 @@ cg
     Conjugate-gradient IHVP self-influence ``g_iᵀ (H⁻¹ g_i)``, same Hessian, same relative
     tolerance and iteration cap on both sides. Influenciae solves one right-hand side at a time,
     so it is timed on ``cg_subset`` samples and compared per sample.
-tracin
-    TracIn self-influence ``Σ_c η_c ‖g_i(θ_c)‖²`` over the checkpoints, last layer.
+tracin, tracin_all
+    TracIn self-influence ``Σ_c η_c ‖g_i(θ_c)‖²`` over the checkpoints, last layer (P = 1290)
+    or all layers (P = 9610).
 arnoldi
     Arnoldi self-influence (Schioppa et al. 2022) with the same Krylov dimension and number of
     eigenvalues. Timing only: Influenciae keeps the k *smallest* eigenvalues, so values differ.
@@ -29,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-WORKLOADS = ("exact", "cg", "tracin", "arnoldi")
+WORKLOADS = ("exact", "cg", "tracin", "tracin_all", "arnoldi")
+# Layers watched by TracIn: the last Dense layer, or both ("tracin_all", start 0 to 1 inclusive).
+TRACIN_LAYERS = {"tracin": (-1, None), "tracin_all": (0, 1)}
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,8 @@ class Settings:
     Every workload scores all ``n_samples`` training samples (Influenciae's CG: ``cg_subset``
     of them); the Hessian is averaged over the first ``hessian_samples`` of them on both sides
     (Influenciae's exact Hessian costs about 0.1 s per sample, so all 4096 would take ~10 min).
-    ``repeats`` runs of each workload are timed (the first one ``cold``, with tracing); the
-    Influenciae workloads that take minutes (exact, CG, Arnoldi) are run ``slow_repeats`` times.
+    Each workload is timed ``repeats`` times in a row on each side: the first run is ``cold``
+    (it includes tracing), the best later run is ``warm``.
     CG uses the same relative tolerance on both sides; on this problem (condition number of
     about 10⁴) no right-hand side reaches it within ``cg_max_iterations``, so both sides do
     exactly that many iterations.
@@ -66,7 +69,6 @@ class Settings:
     arnoldi_subspace_dim: int = 50
     arnoldi_k: int = 20
     repeats: int = 2
-    slow_repeats: int = 1
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -161,6 +163,7 @@ def record(workdir: Path, side: str, workload: str, values: np.ndarray, times: l
         "n_values": int(values.size),
         "cold_seconds": times[0],
         "warm_seconds": min(times[1:]) if len(times) > 1 else times[0],
+        "runs": len(times),
         "checksum": float(np.sum(values)),
         "finite": bool(np.isfinite(values).all()),
         **extra,

@@ -103,7 +103,7 @@ def test_exact_and_cg_match_numpy_ground_truth(workdir):
 
 
 def test_tracin_and_arnoldi_run_or_report_skip(workdir):
-    for result in side.run(TINY, workdir, ["tracin", "arnoldi"]):
+    for result in side.run(TINY, workdir, ["tracin", "tracin_all", "arnoldi"]):
         if "skipped" in result:
             assert "not found" in result["skipped"]
             continue
