@@ -16,9 +16,13 @@ model's outputs on the training set, a surrogate last layer ``W*`` (no bias) is 
 so the surrogate's logit of class ``c`` on a sample ``t`` decomposes over the training samples;
 the influence of training sample ``i`` on ``t`` is ``α_i[c] ⟨f_i, f_t⟩`` with ``c`` the class the
 original model predicts for ``t`` (the prediction being explained, as in Yeh et al. and
-Influenciae). The self-influence of a training sample is ``α_i[y_i] ‖f_i‖²`` with ``y_i`` its
-label in the training set: how much the sample's own label is held up by the sample itself —
-large for samples the regularized layer cannot explain from the others (mislabeled ones).
+Influenciae). The self-influence of a training sample is ``α̃_i[y_i] ‖f_i‖²`` where ``α̃_i`` is the
+representer value taken against the sample's own **training label** ``y_i`` rather than against
+the model output the surrogate was fitted to (which says nothing about the label):
+``α̃_i = −1/(2λn) ∂ℓ(e_{y_i}, σ(z))/∂z`` at ``z = f_i W*`` — for cross-entropy
+``(1 − σ(f_i W*)[y_i]) / (2λn)``: how strongly the training label disagrees with the regularized
+layer, large for mislabeled samples (Yeh et al. §4.2 use representer values to find them; as in
+Influenciae, whose ``α`` is also taken against the training labels).
 
 Differences with Influenciae (deliberate): the L2 term is part of the fitted objective (Influenciae
 fits an unregularized MSE to the logits, so its ``α`` does not satisfy the theorem) and ``α_i`` is
@@ -216,16 +220,25 @@ class RepresenterPointL2(BaseInfluenceCalculator):
                 break
         return kernel, float(tf.norm(gradient))
 
-    @tf.function(reduce_retracing=True)
-    def _alpha(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
-        """Features ``(B, d)`` and representer values ``α`` ``(B, C)`` of a batch of training inputs."""
-        features, targets = self._features_and_outputs(inputs)
+    def _representer_values(self, features: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+        """``α = −1/(2λn) ∂ℓ(targets, σ(z))/∂z`` at ``z = f W*``, shape ``(B, C)``."""
         logits = features @ self.kernel
         with tf.GradientTape() as tape:
             tape.watch(logits)
             total = tf.reduce_sum(self._losses(targets, logits))
-        loss_gradient = tape.gradient(total, logits)
-        return features, -loss_gradient / (2.0 * self.lambda_regularization * self.n_train)
+        return -tape.gradient(total, logits) / (2.0 * self.lambda_regularization * self.n_train)
+
+    @tf.function(reduce_retracing=True)
+    def _alpha(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
+        """Features ``(B, d)`` and representer values ``α`` ``(B, C)`` of a batch of training inputs."""
+        features, targets = self._features_and_outputs(inputs)
+        return features, self._representer_values(features, targets)
+
+    @tf.function(reduce_retracing=True)
+    def _label_alpha(self, inputs, labels) -> tuple[tf.Tensor, tf.Tensor]:
+        """Features and representer values ``α̃`` taken against the training labels (class indices)."""
+        features, _ = self._features_and_outputs(inputs)
+        return features, self._representer_values(features, tf.one_hot(labels, self.nb_classes))
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         check_dataset(dataset, name)
@@ -259,8 +272,9 @@ class RepresenterPointL2(BaseInfluenceCalculator):
         return kernel_values * alphas
 
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
-        features, alpha = self._alpha(train_samples[0])
+        """``α̃_i[y_i] ‖f_i‖²`` with ``α̃`` taken against the training labels."""
         labels = label_classes(train_samples[1], self.nb_classes)
+        features, alpha = self._label_alpha(train_samples[0], labels)
         return tf.gather(alpha, labels, axis=1, batch_dims=1) * tf.reduce_sum(features * features, axis=1)
 
     def predict_with_kernel(self, samples_to_evaluate: Batch | tf.Tensor) -> tf.Tensor:

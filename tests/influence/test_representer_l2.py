@@ -77,7 +77,10 @@ def test_fit_alpha_and_influence_match_an_independent_float64_fit():
     np.testing.assert_allclose(np.concatenate(rows), expected, rtol=2e-3, atol=1e-4)
 
     self_influence = extract_only_values(calculator.compute_influence_values(dataset)).numpy()
-    expected_self = alpha[np.arange(N), y.argmax(1)] * np.sum(features**2, 1)
+    label_probabilities = np.exp(features @ kernel - (features @ kernel).max(1, keepdims=True))
+    label_probabilities /= label_probabilities.sum(1, keepdims=True)
+    label_alpha = (1.0 - label_probabilities[np.arange(N), y.argmax(1)]) / (2 * LAMBDA * N)
+    expected_self = label_alpha * np.sum(features**2, 1)
     np.testing.assert_allclose(self_influence, expected_self, rtol=2e-3, atol=1e-4)
 
 
