@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="Where data and results go.")
     args = parser.parse_args(argv)
-    names = workloads.parse_workloads(args.workloads)
+    try:
+        names = workloads.parse_workloads(args.workloads)
+    except ValueError as error:
+        parser.error(str(error))
     settings = workloads.Settings.quick() if args.quick else workloads.Settings()
     if args.hessian_samples is not None:
         if not 0 < args.hessian_samples <= settings.n_samples:

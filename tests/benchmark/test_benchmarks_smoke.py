@@ -23,8 +23,8 @@ def _load(name: str):
     return module
 
 
-workloads = _load("workloads")
 side = _load("influence_lib_side")
+workloads = side.workloads
 
 TINY = workloads.Settings(
     n_samples=48,
