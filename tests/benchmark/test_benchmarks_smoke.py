@@ -2,7 +2,8 @@
 
 The exact self-influence values it produces are checked against a float64 NumPy computation of
 the last-layer softmax cross-entropy closed forms, so the benchmark is known to time the right
-quantity (same Hessian samples, same convention as Influenciae).
+quantity (same Hessian samples, same convention as Influenciae); the orchestrator's ratios are
+checked on hand-made timings (CG compares per-sample costs).
 """
 import importlib.util
 import sys
@@ -123,3 +124,22 @@ def test_agreement_and_workload_parsing():
     assert workloads.parse_workloads("exact, cg") == ["exact", "cg"]
     with pytest.raises(ValueError, match="Unknown workloads"):
         workloads.parse_workloads("exact,lissa")
+
+
+def test_orchestrator_ratios_are_per_sample_for_cg(tmp_path):
+    orchestrator = _load("run")
+    ours_values = np.arange(1.0, 9.0)
+    np.save(tmp_path / "influence_lib_cg.npy", ours_values)
+    np.save(tmp_path / "influenciae_cg.npy", ours_values[:2] * 1.01)
+    ours = {"n_values": 8, "cold_seconds": 4.0, "warm_seconds": 2.0}
+    theirs = {"n_values": 2, "cold_seconds": 10.0, "warm_seconds": 8.0}
+    row = orchestrator.compare("cg", ours, theirs, tmp_path)
+    assert row["speedup_cold"] == pytest.approx((10.0 / 2) / (4.0 / 8))
+    assert row["speedup_warm"] == pytest.approx((8.0 / 2) / (2.0 / 8))
+    assert row["max_diff_over_max"] == pytest.approx(0.01 / 1.01)
+
+    np.save(tmp_path / "influence_lib_exact.npy", ours_values)
+    np.save(tmp_path / "influenciae_exact.npy", ours_values)
+    row = orchestrator.compare("exact", ours, {**theirs, "n_values": 8}, tmp_path)
+    assert row["speedup_warm"] == pytest.approx(8.0 / 2.0)
+    assert row["pearson"] == pytest.approx(1.0)
