@@ -27,7 +27,8 @@ def plot_detection_curves(results: Mapping, mislabeling_ratio: float | None = No
     matplotlib.figure.Figure
     """
     figure, axes = plt.subplots(figsize=(6.4, 4.8))
-    for name, result in results.items():
+    palette = plt.get_cmap("tab20" if len(results) > 10 else "tab10").colors
+    for index, (name, result) in enumerate(results.items()):
         found = np.asarray(getattr(result, "mean_fraction_found", result), dtype=np.float64)
         if found.ndim != 1 or found.size < 2:
             raise ValueError(f"The detection curve of {name!r} must be a 1-D array of at least two points.")
@@ -35,7 +36,7 @@ def plot_detection_curves(results: Mapping, mislabeling_ratio: float | None = No
         label = name
         if hasattr(result, "roc_auc_mean"):
             label = f"{name} (AUC {result.roc_auc_mean:.3f})"
-        axes.plot(inspected, found, label=label)
+        axes.plot(inspected, found, label=label, color=palette[index % len(palette)])
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random order (expected)")
     if mislabeling_ratio is not None:
         axes.plot([0, mislabeling_ratio, 1], [0, 1, 1], color="black", linestyle="--", label="perfect detector")
