@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -q -n 2 tests
 
 benchmark: install
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCHMARK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info site .pytest_cache

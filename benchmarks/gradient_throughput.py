@@ -25,11 +25,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-from influence_lib.model import InfluenceModel  # noqa: E402
+from influence_lib.model import InfluenceModel
 
 
 def mlp() -> tuple[keras.Model, tuple[int, ...]]:

@@ -14,15 +14,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workloads  # noqa: E402
-from influence_lib.curvature import ConjugateGradientDescentIHVP, ExactIHVP  # noqa: E402
-from influence_lib.influence.first_order import FirstOrderInfluenceCalculator  # noqa: E402
-from influence_lib.model.influence_model import InfluenceModel  # noqa: E402
+import workloads
+
+from influence_lib.curvature import ConjugateGradientDescentIHVP, ExactIHVP
+from influence_lib.influence.first_order import FirstOrderInfluenceCalculator
+from influence_lib.model.influence_model import InfluenceModel
 
 SIDE = "influence_lib"
 # Workloads whose method may not be in this version of influence_lib yet: skipped with a note.

@@ -22,15 +22,15 @@ from pathlib import Path
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from deel.influenciae.common import ConjugateGradientDescentIHVP, ExactIHVP, InfluenceModel  # noqa: E402
-from deel.influenciae.influence import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator  # noqa: E402
-from deel.influenciae.trac_in import TracIn  # noqa: E402
-from tensorflow.keras.losses import CategoricalCrossentropy, Reduction  # noqa: E402
+import numpy as np
+import tensorflow as tf
+from deel.influenciae.common import ConjugateGradientDescentIHVP, ExactIHVP, InfluenceModel
+from deel.influenciae.influence import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator
+from deel.influenciae.trac_in import TracIn
+from tensorflow.keras.losses import CategoricalCrossentropy, Reduction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workloads  # noqa: E402
+import workloads
 
 SIDE = "influenciae"
 

@@ -27,7 +27,7 @@ import numpy as np
 
 BENCHMARK_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARK_DIR))
-import workloads  # noqa: E402
+import workloads
 
 REPO_ROOT = BENCHMARK_DIR.parent
 DEFAULT_WORKDIR = REPO_ROOT / "benchmark_results" / "side_by_side"
@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer-python", default=None, help="Python of a venv with influenciae==0.3.0.")
     parser.add_argument("--no-peer", action="store_true", help="Time influence_lib only.")
     parser.add_argument(
+        "--samples", type=int, default=None, help="Number of training samples scored (default 4096)."
+    )
+    parser.add_argument(
         "--hessian-samples", type=int, default=None, help="Average the Hessian over this many samples (default 1024)."
     )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="Where data and results go.")
@@ -146,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     settings = workloads.Settings.quick() if args.quick else workloads.Settings()
+    if args.samples is not None:
+        if args.samples < settings.hessian_samples:
+            parser.error(f"--samples must be at least the number of Hessian samples ({settings.hessian_samples}).")
+        settings = dataclasses.replace(settings, n_samples=args.samples)
     if args.hessian_samples is not None:
         if not 0 < args.hessian_samples <= settings.n_samples:
             parser.error(f"--hessian-samples must be in [1, {settings.n_samples}].")

@@ -1,5 +1,4 @@
 """Every notebook in notebooks/ runs top to bottom (nbclient, the running interpreter's python3 kernel)."""
-import os
 from pathlib import Path
 
 import pytest

@@ -86,10 +86,31 @@ def run(arguments: argparse.Namespace) -> dict:
     )
     histogram_path = os.path.abspath(os.path.join(arguments.out, "self_influence_histogram.png"))
     histogram.savefig(histogram_path, dpi=120, bbox_inches="tight")
+    print(most_suspicious_table(results, data, arguments.noise))
     print(f"Total time {elapsed:.1f} s. Results: {os.path.abspath(os.path.join(arguments.out, 'results.json'))}")
     print(f"Detection curves: {os.path.abspath(os.path.join(arguments.out, 'detection_curves.png'))}")
     print(f"Score histogram: {histogram_path}")
     return results
+
+
+def most_suspicious_table(results: dict, data, noise: float, count: int = 10) -> str:
+    """The ``count`` highest-scored training samples of the first seed, by exact influence if it ran."""
+    from .label_noise import flip_labels
+
+    method = results.get("first_order_exact") or max(results.values(), key=lambda result: result.roc_auc_mean)
+    run_result = method.runs[0]
+    noisy_labels, _ = flip_labels(data.y_train, data.nb_classes, noise, run_result.seed)
+    flipped = set(run_result.flipped_indices.tolist())
+    lines = [
+        f"\n{count} most suspicious training samples ({method.name}, seed {run_result.seed}):",
+        f"{'index':>6}  {'score':>12}  {'given label':>11}  {'true label':>10}  flipped",
+    ]
+    for index in np.argsort(-run_result.scores, kind="stable")[:count]:
+        lines.append(
+            f"{index:>6}  {run_result.scores[index]:>12.4g}  {noisy_labels[index]:>11}  {data.y_train[index]:>10}  "
+            f"{'yes' if index in flipped else 'no'}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,17 +8,17 @@ baselines a skeptical user asks for score it by its loss, its gradient norm, or 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-import keras
-
 from ..common.datasets import iterate_batches
-from ..curvature.base import InverseHessianVectorProduct
-from ..curvature.conjugate_gradient import ConjugateGradientDescentIHVP
-from ..curvature.exact import ExactIHVP
-from ..curvature.factory import ExactIHVPFactory
-from ..curvature.lissa import LissaIHVP
+from ..curvature.factory import (
+    CGDIHVPFactory,
+    ExactIHVPFactory,
+    InverseHessianVectorProductFactory,
+    LissaIHVPFactory,
+)
 from ..influence.arnoldi import ArnoldiInfluenceCalculator
 from ..influence.base import SelfInfluenceCalculator, extract_only_values
 from ..influence.boundary_sample import SampleBoundaryCalculator
@@ -83,20 +83,22 @@ class FirstOrderFactory(CalculatorFactory):
     n_samples_for_hessian: int | None = None
     normalize: bool = False
 
-    def _ihvp(self, model: InfluenceModel, hessian_set: tf.data.Dataset) -> InverseHessianVectorProduct:
-        if self.ihvp == "exact":
-            return ExactIHVP(model, hessian_set, damping=self.damping, show_progress=False)
-        if self.ihvp == "cgd":
-            return ConjugateGradientDescentIHVP(model, hessian_set, self.n_opt_iters, self.damping)
-        if self.ihvp == "lissa":
-            return LissaIHVP(model, hessian_set, self.n_opt_iters, self.damping, self.lissa_scale)
-        raise ValueError(f"ihvp must be 'exact', 'cgd' or 'lissa', got {self.ihvp!r}.")
+    def _ihvp_factory(self) -> InverseHessianVectorProductFactory:
+        factories = {
+            "exact": ExactIHVPFactory(self.damping, show_progress=False),
+            "cgd": CGDIHVPFactory(self.n_opt_iters, self.damping),
+            "lissa": LissaIHVPFactory(self.n_opt_iters, self.damping, self.lissa_scale),
+        }
+        if self.ihvp not in factories:
+            raise ValueError(f"ihvp must be one of {sorted(factories)}, got {self.ihvp!r}.")
+        return factories[self.ihvp]
 
     def build(self, trained, train_set) -> FirstOrderInfluenceCalculator:
         model = InfluenceModel(trained.model, start_layer=self.start_layer)
         hessian_set = hessian_subset(train_set, self.n_samples_for_hessian, 10000, trained.seed)
         return FirstOrderInfluenceCalculator(
-            model, hessian_set, self._ihvp(model, hessian_set), normalize=self.normalize, show_progress=False
+            model, hessian_set, self._ihvp_factory().build(model, hessian_set), normalize=self.normalize,
+            show_progress=False,
         )
 
 
@@ -179,7 +181,7 @@ class RepresenterLJEFactory(CalculatorFactory):
         return RepresenterPointLJE(
             InfluenceModel(trained.model),
             train_set,
-            ExactIHVPFactory(self.damping),
+            ExactIHVPFactory(self.damping, show_progress=False),
             epsilon=self.epsilon,
             seed=trained.seed,
             show_progress=False,

@@ -10,7 +10,7 @@ import functools
 import tensorflow as tf
 
 
-class compiled_method:  # noqa: N801 - used as a decorator, named like one
+class compiled_method:
     """Decorate a method to run it as ``tf.function(reduce_retracing=True)``, traced per instance."""
 
     def __init__(self, function):

@@ -25,14 +25,16 @@ from .hessian import HessianOperator, gauss_newton_hessian
 def pseudo_inverse(matrix: np.ndarray, damping: float) -> np.ndarray:
     """Inverse of the symmetric ``matrix + damping·I`` via its eigendecomposition (float64).
 
-    Eigenvalues with magnitude below ``10·P·ε₃₂·max(max|λ|, damping)`` (``tf.linalg.pinv``'s
-    default cut-off) are treated as zero: dropped when ``damping == 0`` (pseudo-inverse), an
-    error otherwise.
+    With ``damping == 0`` eigenvalues with magnitude below ``10·P·ε₃₂·max|λ|`` (``tf.linalg.pinv``'s
+    default cut-off, as in Influenciae) are dropped: the pseudo-inverse. With ``damping > 0`` the
+    damped matrix must be invertible: an eigenvalue within ``10·ε₃₂·max(max|λ|, damping)`` of zero
+    (a negative curvature cancelling the damping) is an error.
     """
     dim = matrix.shape[0]
     eigenvalues, eigenvectors = np.linalg.eigh(matrix.astype(np.float64) + damping * np.eye(dim))
     scale = max(float(np.max(np.abs(eigenvalues))) if dim else 0.0, damping)
-    cutoff = 10.0 * dim * np.finfo(np.float32).eps * scale
+    relative_cutoff = 10.0 * np.finfo(np.float32).eps * (dim if damping == 0 else 1)
+    cutoff = relative_cutoff * scale
     kept = np.abs(eigenvalues) > cutoff
     if damping > 0 and not kept.all():
         raise SingularHessianError(

@@ -54,9 +54,10 @@ class ExactIHVPFactory(InverseHessianVectorProductFactory):
     """Builds :class:`ExactIHVP` with the given damping."""
 
     damping: float = 0.0
+    show_progress: bool = True
 
     def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> ExactIHVP:
-        return ExactIHVP(model, dataset, damping=self.damping)
+        return ExactIHVP(model, dataset, damping=self.damping, show_progress=self.show_progress)
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,12 @@ class CGDIHVPFactory(InverseHessianVectorProductFactory):
     n_opt_iters: int = 100
     damping: float = 0.0
     tolerance: float = 1e-5
+    show_progress: bool = False
 
     def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> ConjugateGradientDescentIHVP:
-        return ConjugateGradientDescentIHVP(model, dataset, self.n_opt_iters, self.damping, self.tolerance)
+        return ConjugateGradientDescentIHVP(
+            model, dataset, self.n_opt_iters, self.damping, self.tolerance, show_progress=self.show_progress
+        )
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,10 @@ class LissaIHVPFactory(InverseHessianVectorProductFactory):
     n_opt_iters: int = 100
     damping: float = 1e-3
     scale: float = 10.0
+    show_progress: bool = False
 
     def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> LissaIHVP:
-        return LissaIHVP(model, dataset, self.n_opt_iters, self.damping, self.scale)
+        return LissaIHVP(model, dataset, self.n_opt_iters, self.damping, self.scale, show_progress=self.show_progress)
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def _check_gauss_newton(model: InfluenceModel) -> tuple[bool, list[bool]]:
 
 
 def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_progress: bool = False) -> tf.Tensor:
-    """Mean Hessian of a last Dense layer under softmax cross-entropy, in closed form.
+    r"""Mean Hessian of a last Dense layer under softmax cross-entropy, in closed form.
 
     For logits ``z = Wᵀa + b`` and ``p = softmax(z)``, the Hessian of the cross-entropy w.r.t.
     the logits is ``s (diag(p) − p pᵀ)`` with ``s = Σ_k y_k`` (1 for one-hot or smoothed

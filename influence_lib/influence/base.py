@@ -197,7 +197,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             self._save_influence_vectors(train_set, save_influence_vector_ds_path)
             make_pairs = self._vector_source(train_set, CACHE.DISK, save_influence_vector_ds_path, None)
         else:
-            make_pairs = lambda: self._influence_vector_batches(train_set)  # noqa: E731
+            make_pairs = lambda: self._influence_vector_batches(train_set)
         signature = (train_set.element_spec, tf.TensorSpec((None, None), VALUE_DTYPE))
         return tf.data.Dataset.from_generator(make_pairs, output_signature=signature)
 

@@ -6,7 +6,7 @@ import numpy as np
 from ._backend import use_agg_without_display
 
 use_agg_without_display()
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def plot_detection_curves(results: Mapping, mislabeling_ratio: float | None = None, title: str | None = None):

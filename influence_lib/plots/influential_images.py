@@ -6,7 +6,7 @@ import numpy as np
 from ._backend import use_agg_without_display
 
 use_agg_without_display()
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _as_image(image) -> tuple[np.ndarray, str | None]:

@@ -4,7 +4,7 @@ import numpy as np
 from ._backend import use_agg_without_display
 
 use_agg_without_display()
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def plot_self_influence_histogram(scores, is_flipped, bins: int = 50, log_scale: bool = True, title: str | None = None):

@@ -2,10 +2,10 @@
 import keras
 import numpy as np
 import pytest
+import reference_math as rm
 import tensorflow as tf
 
 import influence_lib as il
-import reference_math as rm
 from influence_lib.curvature import batched_conjugate_gradient
 
 

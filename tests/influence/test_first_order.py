@@ -1,10 +1,10 @@
 """First-order influence, RelatIF, top-k and caching against float64 NumPy closed forms."""
 import numpy as np
 import pytest
+import reference_math as rm
 import tensorflow as tf
 
 import influence_lib as il
-import reference_math as rm
 
 
 @pytest.fixture(scope="module")
