@@ -119,3 +119,13 @@ def test_vectors_of_wrong_size_are_rejected():
         ihvp.ihvp(np.zeros((2, influence_model.nb_params + 1), np.float32))
     with pytest.raises(ValueError, match="damping"):
         il.ExactIHVP(influence_model, dataset, damping=-1.0, show_progress=False)
+
+
+def test_small_damping_on_a_singular_hessian_is_a_plain_damped_solve():
+    influence_model, dataset, x, y, kernel, bias = _softmax_setup()
+    damping = 1e-4
+    ihvp = il.ExactIHVP(influence_model, dataset, damping=damping, show_progress=False)
+    gradients = rm.softmax_gradients(x, y, kernel, bias)
+    hessian = rm.softmax_hessian(x, kernel, bias) + damping * np.eye(influence_model.nb_params)
+    expected = np.linalg.solve(hessian, gradients.T).T
+    np.testing.assert_allclose(ihvp.ihvp(gradients).numpy(), expected, rtol=1e-2, atol=1e-3 * np.abs(expected).max())
