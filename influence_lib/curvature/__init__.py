@@ -13,6 +13,7 @@ from .factory import (
     make_ihvp,
 )
 from .hessian import HessianOperator, gauss_newton_hessian
+from .iterative import IterativeIHVP
 from .lissa import LissaIHVP
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "IHVPCalculator",
     "InverseHessianVectorProduct",
     "InverseHessianVectorProductFactory",
+    "IterativeIHVP",
     "LissaIHVP",
     "LissaIHVPFactory",
     "arnoldi_iteration",

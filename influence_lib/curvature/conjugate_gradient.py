@@ -13,8 +13,7 @@ import tensorflow as tf
 from ..common.errors import NonFiniteError, SingularHessianError
 from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
-from .base import InverseHessianVectorProduct
-from .hessian import HessianOperator
+from .iterative import IterativeIHVP
 
 # Curvature pᵀAp below this fraction of the operator's scale (times pᵀp) is numerically zero in float32.
 _CURVATURE_FLOOR = 1e-6
@@ -89,7 +88,7 @@ def batched_conjugate_gradient(
     return solution, converged
 
 
-class ConjugateGradientDescentIHVP(InverseHessianVectorProduct):
+class ConjugateGradientDescentIHVP(IterativeIHVP):
     """IHVP by conjugate gradient on the mean-Hessian operator, all right-hand sides of a batch at once.
 
     Parameters
@@ -117,19 +116,10 @@ class ConjugateGradientDescentIHVP(InverseHessianVectorProduct):
         tolerance: float = 1e-5,
         show_progress: bool = False,
     ):
-        super().__init__(model, train_dataset, damping)
-        if int(n_opt_iters) < 1:
-            raise ValueError(f"n_opt_iters must be ≥ 1, got {n_opt_iters}.")
         if not 0 < float(tolerance) < 1:
             raise ValueError(f"tolerance must be in (0, 1), got {tolerance}.")
-        self.n_opt_iters = int(n_opt_iters)
+        super().__init__(model, train_dataset, n_opt_iters, damping, show_progress)
         self.tolerance = float(tolerance)
-        self.show_progress = show_progress
-        self.hessian_operator = HessianOperator(model, train_dataset)
-
-    def hvp(self, vectors: tf.Tensor) -> tf.Tensor:
-        vectors = self.check_vectors(vectors)
-        return self.hessian_operator.matmat(vectors) + self.damping * vectors
 
     def ihvp(self, vectors: tf.Tensor) -> tf.Tensor:
         vectors = self.check_vectors(vectors)

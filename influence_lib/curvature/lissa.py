@@ -19,11 +19,10 @@ from ..common.datasets import batch_size_of, iterate_batches
 from ..common.errors import NonFiniteError
 from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
-from .base import InverseHessianVectorProduct
-from .hessian import HessianOperator
+from .iterative import IterativeIHVP
 
 
-class LissaIHVP(InverseHessianVectorProduct):
+class LissaIHVP(IterativeIHVP):
     """IHVP by the LiSSA recursion, for all vectors of a batch at once.
 
     Parameters
@@ -51,19 +50,10 @@ class LissaIHVP(InverseHessianVectorProduct):
         scale: float = 10.0,
         show_progress: bool = False,
     ):
-        super().__init__(model, train_dataset, damping)
-        if int(n_opt_iters) < 1:
-            raise ValueError(f"n_opt_iters must be ≥ 1, got {n_opt_iters}.")
         if not float(scale) > 0:
             raise ValueError(f"scale must be > 0, got {scale}.")
-        self.n_opt_iters = int(n_opt_iters)
+        super().__init__(model, train_dataset, n_opt_iters, damping, show_progress)
         self.scale = float(scale)
-        self.show_progress = show_progress
-        self.hessian_operator = HessianOperator(model, train_dataset)
-
-    def hvp(self, vectors: tf.Tensor) -> tf.Tensor:
-        vectors = self.check_vectors(vectors)
-        return self.hessian_operator.matmat(vectors) + self.damping * vectors
 
     def ihvp(self, vectors: tf.Tensor) -> tf.Tensor:
         vectors = self.check_vectors(vectors)

@@ -42,6 +42,23 @@ def hessian_subset(
     )
 
 
+def fit_curvature(
+    model: InfluenceModel,
+    dataset: tf.data.Dataset,
+    ihvp_calculator: "str | IHVPCalculator | InverseHessianVectorProduct | InverseHessianVectorProductFactory",
+    n_samples_for_hessian: int | None,
+    shuffle_buffer_size: int,
+    seed: int,
+    show_progress: bool,
+) -> tuple[tf.data.Dataset, InverseHessianVectorProduct]:
+    """Check ``model`` and ``dataset``, draw the Hessian subset, and build the IHVP calculator on it."""
+    if not isinstance(model, InfluenceModel):
+        raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
+    model.check_dataset(dataset, "dataset")
+    hessian_set = hessian_subset(dataset, n_samples_for_hessian, shuffle_buffer_size, seed)
+    return hessian_set, make_ihvp(ihvp_calculator, model, hessian_set, show_progress)
+
+
 class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfluence):
     """Influence functions: ``I(z, t) = g_tᵀ H⁻¹ g_z`` (RelatIF with ``normalize=True``).
 
@@ -77,14 +94,12 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         show_progress: bool = True,
         seed: int = 0,
     ):
-        if not isinstance(model, InfluenceModel):
-            raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
-        model.check_dataset(dataset, "dataset")
+        self.train_set, self.ihvp_calculator = fit_curvature(
+            model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, seed, show_progress
+        )
         self.model = model
         self.normalize = bool(normalize)
         self.show_progress = show_progress
-        self.train_set = hessian_subset(dataset, n_samples_for_hessian, shuffle_buffer_size, seed)
-        self.ihvp_calculator = make_ihvp(ihvp_calculator, model, self.train_set, show_progress)
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         self.model.check_dataset(dataset, name)

@@ -37,9 +37,9 @@ import tensorflow as tf
 from ..common.datasets import element_count, iterate_batches
 from ..common.progress import known_cardinality, progress
 from ..curvature.base import InverseHessianVectorProduct
-from ..curvature.factory import IHVPCalculator, InverseHessianVectorProductFactory, make_ihvp
+from ..curvature.factory import IHVPCalculator, InverseHessianVectorProductFactory
 from ..model.influence_model import InfluenceModel
-from .first_order import hessian_subset
+from .first_order import fit_curvature
 from .group import GroupInfluence, summed_gradient
 
 
@@ -82,14 +82,12 @@ class SecondOrderInfluenceCalculator(GroupInfluence):
         show_progress: bool = True,
         seed: int = 0,
     ):
-        if not isinstance(model, InfluenceModel):
-            raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
-        model.check_dataset(dataset, "dataset")
+        self.train_set, self.ihvp_calculator = fit_curvature(
+            model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, seed, show_progress
+        )
         self.model = model
         self.show_progress = show_progress
         self.train_size = element_count(dataset)
-        self.train_set = hessian_subset(dataset, n_samples_for_hessian, shuffle_buffer_size, seed)
-        self.ihvp_calculator = make_ihvp(ihvp_calculator, model, self.train_set, show_progress)
 
     def _summed_hvp(self, group: tf.data.Dataset, vector: tf.Tensor) -> tf.Tensor:
         """``(Σ_{z∈U} ∇²ℓ_z) v``, shape ``(1, P)``."""

@@ -358,6 +358,10 @@ class InfluenceModel:
     @compiled_method
     def batch_gradient_tensor(self, batch: Batch) -> tf.Tensor:
         """Gradient of the summed loss of one batch w.r.t. the watched weights, shape ``(nb_params,)``."""
+        return self._summed_gradient(batch)
+
+    def _summed_gradient(self, batch: Batch) -> tf.Tensor:
+        """Flat gradient of ``Σ_i ℓ_i``; differentiable again when called under an outer tape."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.weights)
             loss = tf.reduce_sum(self._per_sample_loss(batch))
@@ -372,12 +376,7 @@ class InfluenceModel:
         """
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(self.weights)
-            with tf.GradientTape(watch_accessed_variables=False) as inner:
-                inner.watch(self.weights)
-                loss = tf.reduce_sum(self._per_sample_loss(batch))
-            gradient = self.flatten(
-                inner.gradient(loss, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            )
+            gradient = self._summed_gradient(batch)
             projections = tf.linalg.matvec(tf.cast(vectors, gradient.dtype), gradient)
         hvps = outer.jacobian(
             projections, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
@@ -393,12 +392,7 @@ class InfluenceModel:
         """
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(self.weights)
-            with tf.GradientTape(watch_accessed_variables=False) as inner:
-                inner.watch(self.weights)
-                loss = tf.reduce_sum(self._per_sample_loss(batch))
-            gradient = self.flatten(
-                inner.gradient(loss, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            )
+            gradient = self._summed_gradient(batch)
         hessian = outer.jacobian(
             gradient, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
         )
