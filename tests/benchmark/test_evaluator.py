@@ -158,7 +158,7 @@ def test_bad_inputs_raise_clear_errors(evaluator):
     with pytest.raises(ValueError, match="Unknown or no method"):
         resolve_methods("loss,nope")
     with pytest.raises(ValueError, match="ihvp"):
-        FirstOrderFactory("newton")._ihvp(None, None)
+        FirstOrderFactory("newton")._ihvp_factory()
 
 
 def test_accepts_an_unbatched_dataset_with_one_hot_labels():
