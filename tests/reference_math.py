@@ -84,3 +84,11 @@ def mse_hessian(x: np.ndarray, outputs: int) -> np.ndarray:
     n, d = x.shape
     augmented = np.concatenate([x, np.ones((n, 1))], axis=1)
     return np.kron(augmented.T @ augmented / n, np.eye(outputs)) * 2.0 / outputs
+
+
+def regularized_softmax_hessian_and_gradients(x, y, kernel, bias, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean Hessian (P, P) and per-sample gradients (n, P) of cross-entropy + (l2/2)‖θ‖², θ = [kernel, bias]."""
+    kernel, bias = kernel.astype(np.float64), bias.astype(np.float64)
+    theta = np.concatenate([kernel.reshape(-1), bias])
+    hessian = softmax_hessian(x, kernel, bias) + l2 * np.eye(theta.size)
+    return hessian, softmax_gradients(x, y, kernel, bias) + l2 * theta

@@ -7,6 +7,7 @@ eigenvalues instead of the largest gives a completely different answer (checked 
 import keras
 import numpy as np
 import pytest
+import reference_math as rm
 import tensorflow as tf
 
 from influence_lib.common.errors import SingularHessianError
@@ -45,23 +46,8 @@ def _softmax_problem(n=60, classes=3, l2=L2, seed=0):
 
 def _numpy_hessian_and_gradients(influence_model, x, y, l2=L2):
     """Mean Hessian (P, P) and per-sample gradients (n, P) in float64, parameters = [vec(W) row-major, b]."""
-    kernel, bias = [w.numpy().astype(np.float64) for w in influence_model.weights]
-    x = x.astype(np.float64)
-    n, d = x.shape
-    c = bias.size
-    logits = x @ kernel + bias
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    # Jacobian of the logits w.r.t. θ: (n, c, P).
-    jac = np.zeros((n, c, d * c + c))
-    for j in range(c):
-        jac[:, j, j : d * c : c] = x
-        jac[:, j, d * c + j] = 1.0
-    theta = np.concatenate([kernel.reshape(-1), bias])
-    curvature = np.einsum("nj,jk->njk", probs, np.eye(c)) - np.einsum("nj,nk->njk", probs, probs)
-    hessian = np.einsum("njp,njk,nkq->pq", jac, curvature, jac) / n + l2 * np.eye(theta.size)
-    gradients = np.einsum("njp,nj->np", jac, probs - y) + l2 * theta
-    return hessian, gradients
+    kernel, bias = [w.numpy() for w in influence_model.weights]
+    return rm.regularized_softmax_hessian_and_gradients(x, y, kernel, bias, l2)
 
 
 def _projected_inverse(hessian, vectors, k, largest=True):
