@@ -92,3 +92,47 @@ def regularized_softmax_hessian_and_gradients(x, y, kernel, bias, l2: float) -> 
     theta = np.concatenate([kernel.reshape(-1), bias])
     hessian = softmax_hessian(x, kernel, bias) + l2 * np.eye(theta.size)
     return hessian, softmax_gradients(x, y, kernel, bias) + l2 * theta
+
+
+SPREAD_FEATURE_SCALES = np.array([0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
+
+
+def spread_softmax_problem(n: int, l2: float, classes: int = 3, seed: int = 0):
+    """L2-regularized softmax regression whose Hessian spectrum is widely spread (feature scales 0.05…5).
+
+    Returns an InfluenceModel (loss = cross-entropy + (l2/2)‖θ‖²), inputs and one-hot labels.
+    """
+    from influence_lib import InfluenceModel
+
+    scales = SPREAD_FEATURE_SCALES
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, scales.size)) * scales).astype(np.float32)
+    y = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, n)]
+    model = keras.Sequential([keras.Input((scales.size,)), keras.layers.Dense(classes, activation="softmax")])
+    model.layers[-1].kernel.assign(rng.normal(scale=0.3, size=(scales.size, classes)).astype(np.float32))
+    model.layers[-1].bias.assign(rng.normal(scale=0.3, size=classes).astype(np.float32))
+    cross_entropy = keras.losses.CategoricalCrossentropy(reduction=None)
+    kernel, bias = model.layers[-1].kernel.value, model.layers[-1].bias.value
+
+    def loss(y_true, y_pred):
+        return cross_entropy(y_true, y_pred) + 0.5 * l2 * (tf.reduce_sum(kernel**2) + tf.reduce_sum(bias**2))
+
+    return InfluenceModel(model, loss_function=loss), x, y
+
+
+def regularized_logistic_model(theta: np.ndarray, l2: float):
+    """InfluenceModel of a sigmoid Dense(1) with weights ``theta = [kernel, bias]`` and loss
+    BCE + (l2/2)‖kernel‖² (the regularizer is part of each per-sample term)."""
+    from influence_lib import InfluenceModel
+
+    dim = theta.size - 1
+    model = keras.Sequential([keras.Input((dim,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.layers[-1].kernel.assign(theta[:dim, None].astype(np.float32))
+    model.layers[-1].bias.assign(theta[dim:].astype(np.float32))
+    kernel = model.layers[-1].kernel.value
+    cross_entropy = keras.losses.BinaryCrossentropy(reduction=None)
+
+    def loss(y_true, y_pred):
+        return cross_entropy(y_true, y_pred) + 0.5 * l2 * tf.reduce_sum(kernel**2)
+
+    return InfluenceModel(model, loss_function=loss)

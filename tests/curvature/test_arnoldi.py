@@ -4,7 +4,6 @@ The model is an L2-regularized softmax regression whose input features have very
 scales, so the Hessian spectrum spans several orders of magnitude: keeping the k SMALLEST
 eigenvalues instead of the largest gives a completely different answer (checked explicitly).
 """
-import keras
 import numpy as np
 import pytest
 import reference_math as rm
@@ -22,24 +21,12 @@ from influence_lib.curvature.arnoldi import top_eigenpairs
 from influence_lib.model.influence_model import InfluenceModel
 
 L2 = 1e-2
-FEATURE_SCALES = np.array([0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
+FEATURE_SCALES = rm.SPREAD_FEATURE_SCALES
 
 
 def _softmax_problem(n=60, classes=3, l2=L2, seed=0):
     """L2-regularized softmax regression (P = 6·3 + 3 = 21) with a widely spread Hessian spectrum."""
-    rng = np.random.default_rng(seed)
-    x = (rng.normal(size=(n, FEATURE_SCALES.size)) * FEATURE_SCALES).astype(np.float32)
-    y = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, n)]
-    model = keras.Sequential([keras.Input((FEATURE_SCALES.size,)), keras.layers.Dense(classes, activation="softmax")])
-    model.layers[-1].kernel.assign(rng.normal(scale=0.3, size=(FEATURE_SCALES.size, classes)).astype(np.float32))
-    model.layers[-1].bias.assign(rng.normal(scale=0.3, size=classes).astype(np.float32))
-    cross_entropy = keras.losses.CategoricalCrossentropy(reduction=None)
-    kernel, bias = model.layers[-1].kernel.value, model.layers[-1].bias.value
-
-    def loss(y_true, y_pred):
-        return cross_entropy(y_true, y_pred) + 0.5 * l2 * (tf.reduce_sum(kernel**2) + tf.reduce_sum(bias**2))
-
-    influence_model = InfluenceModel(model, loss_function=loss)
+    influence_model, x, y = rm.spread_softmax_problem(n, l2, classes, seed)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     return influence_model, dataset, x, y
 

@@ -11,26 +11,12 @@ import tensorflow as tf
 
 from influence_lib.common.enums import CACHE, ORDER
 from influence_lib.influence import ArnoldiInfluenceCalculator, extract_only_values
-from influence_lib.model.influence_model import InfluenceModel
 
 L2 = 1e-2
-FEATURE_SCALES = np.array([0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
 
 
 def _softmax_problem(n=48, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = (rng.normal(size=(n, FEATURE_SCALES.size)) * FEATURE_SCALES).astype(np.float32)
-    y = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, n)]
-    model = keras.Sequential([keras.Input((FEATURE_SCALES.size,)), keras.layers.Dense(classes, activation="softmax")])
-    model.layers[-1].kernel.assign(rng.normal(scale=0.3, size=(FEATURE_SCALES.size, classes)).astype(np.float32))
-    model.layers[-1].bias.assign(rng.normal(scale=0.3, size=classes).astype(np.float32))
-    cross_entropy = keras.losses.CategoricalCrossentropy(reduction=None)
-    kernel, bias = model.layers[-1].kernel.value, model.layers[-1].bias.value
-
-    def loss(y_true, y_pred):
-        return cross_entropy(y_true, y_pred) + 0.5 * L2 * (tf.reduce_sum(kernel**2) + tf.reduce_sum(bias**2))
-
-    return InfluenceModel(model, loss_function=loss), x, y
+    return rm.spread_softmax_problem(n, L2, classes, seed)
 
 
 def _numpy_hessian_and_gradients(influence_model, x, y):

@@ -3,14 +3,13 @@
 Model: L2-regularized binary logistic regression (positive-definite Hessian), trained to
 convergence by Newton's method in float64.
 """
-import keras
 import numpy as np
 import pytest
+import reference_math as rm
 import tensorflow as tf
 
 from influence_lib.common.errors import NonFiniteError
 from influence_lib.influence import FirstOrderInfluenceCalculator
-from influence_lib.model.influence_model import InfluenceModel
 
 L2 = 1e-2
 N, D = 120, 4
@@ -24,16 +23,7 @@ def _logistic_problem(seed=0):
     theta = np.zeros(D + 1)
     for _ in range(30):
         theta -= np.linalg.solve(*_hessian_gradient(features, y, theta))
-    model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1, activation="sigmoid")])
-    model.layers[-1].kernel.assign(theta[:D, None].astype(np.float32))
-    model.layers[-1].bias.assign(theta[D:].astype(np.float32))
-    kernel = model.layers[-1].kernel.value
-    cross_entropy = keras.losses.BinaryCrossentropy(reduction=None)
-
-    def loss(y_true, y_pred):
-        return cross_entropy(y_true, y_pred) + 0.5 * L2 * tf.reduce_sum(kernel**2)
-
-    influence_model = InfluenceModel(model, loss_function=loss)
+    influence_model = rm.regularized_logistic_model(theta, L2)
     theta = np.concatenate([w.numpy().reshape(-1) for w in influence_model.weights]).astype(np.float64)
     hessian, _ = _hessian_gradient(features, y, theta)
     regularization = L2 * np.r_[theta[:D], 0.0]

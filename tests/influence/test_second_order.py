@@ -5,13 +5,12 @@ convergence by Newton's method in float64; groups are removed and the model retr
 way. Groups are coherent (the points most confidently on their side along the first feature)
 so that the pairwise interaction term matters (Basu, You & Feizi 2020).
 """
-import keras
 import numpy as np
 import pytest
+import reference_math as rm
 import tensorflow as tf
 
 from influence_lib.influence import FirstOrderInfluenceCalculator, SecondOrderInfluenceCalculator
-from influence_lib.model.influence_model import InfluenceModel
 
 L2 = 1e-2
 N, D = 200, 5
@@ -52,16 +51,7 @@ def problem():
     labels = (rng.random(N) < 1.0 / (1.0 + np.exp(-2.0 * x @ direction))).astype(np.float64)
     features = np.hstack([x, np.ones((N, 1))])
     theta = _newton(features, labels, np.zeros(D + 1))
-    model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1, activation="sigmoid")])
-    model.layers[-1].kernel.assign(theta[:D, None].astype(np.float32))
-    model.layers[-1].bias.assign(theta[D:].astype(np.float32))
-    kernel = model.layers[-1].kernel.value
-    cross_entropy = keras.losses.BinaryCrossentropy(reduction=None)
-
-    def loss(y_true, y_pred):
-        return cross_entropy(y_true, y_pred) + 0.5 * L2 * tf.reduce_sum(kernel**2)
-
-    influence_model = InfluenceModel(model, loss_function=loss)
+    influence_model = rm.regularized_logistic_model(theta, L2)
     x32, y32 = x.astype(np.float32), labels.astype(np.float32)[:, None]
     train = tf.data.Dataset.from_tensor_slices((x32, y32)).batch(64)
     second = SecondOrderInfluenceCalculator(influence_model, train, show_progress=False)
