@@ -142,16 +142,10 @@ def run(settings: workloads.Settings, workdir: Path, names: list[str]) -> Iterat
         "tracin_all": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin_all"]),
         "arnoldi": lambda: run_arnoldi(settings, model, inputs, labels),
     }
-    for name in names:
-        if name in OPTIONAL_MODULES and not module_available(OPTIONAL_MODULES[name]):
-            yield {"side": SIDE, "workload": name, "skipped": f"{OPTIONAL_MODULES[name]} not found"}
-            continue
-        try:
-            values, times = workloads.timed(runners[name], settings.repeats)
-        except Exception as error:  # reported by the orchestrator; the other workloads still run
-            yield workloads.failure(SIDE, name, error)
-            continue
-        yield workloads.record(workdir, SIDE, name, values, times)
+    skipped = {
+        name: f"{module} not found" for name, module in OPTIONAL_MODULES.items() if not module_available(module)
+    }
+    yield from workloads.run_all(SIDE, runners, names, settings, workdir, skipped)
 
 
 def main(argv: list[str] | None = None) -> None:

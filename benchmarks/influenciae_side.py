@@ -109,13 +109,7 @@ def run(settings: workloads.Settings, workdir: Path, names: list[str]) -> Iterat
         "tracin_all": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin_all"]),
         "arnoldi": lambda: run_arnoldi(settings, model, inputs, labels),
     }
-    for name in names:
-        try:
-            values, times = workloads.timed(runners[name], settings.repeats)
-        except Exception as error:  # reported by the orchestrator; the other workloads still run
-            yield workloads.failure(SIDE, name, error)
-            continue
-        yield workloads.record(workdir, SIDE, name, values, times)
+    yield from workloads.run_all(SIDE, runners, names, settings, workdir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -202,3 +202,22 @@ def parse_workloads(text: str) -> list[str]:
     if unknown or not names:
         raise ValueError(f"Unknown workloads {unknown}; choose among {', '.join(WORKLOADS)}.")
     return names
+
+
+def run_all(side: str, runners: dict, names: list[str], settings: "Settings", workdir, skipped: dict | None = None):
+    """Time each named workload of one side; yield its JSON summary as soon as it is done.
+
+    ``skipped`` maps workload names that cannot run on this side to the reason. A workload that
+    raises is reported as a failure and the others still run.
+    """
+    skipped = skipped or {}
+    for name in names:
+        if name in skipped:
+            yield {"side": side, "workload": name, "skipped": skipped[name]}
+            continue
+        try:
+            values, times = timed(runners[name], settings.repeats)
+        except Exception as error:  # reported by the orchestrator; the other workloads still run
+            yield failure(side, name, error)
+            continue
+        yield record(workdir, side, name, values, times)

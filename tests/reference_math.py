@@ -136,3 +136,18 @@ def regularized_logistic_model(theta: np.ndarray, l2: float):
         return cross_entropy(y_true, y_pred) + 0.5 * l2 * tf.reduce_sum(kernel**2)
 
     return InfluenceModel(model, loss_function=loss)
+
+
+def one_sample_gradients(model, weights, inputs, targets) -> np.ndarray:
+    """Per-sample gradients of categorical cross-entropy, one ``tape.gradient`` per sample (float64).
+
+    Shares no code with InfluenceModel: the reference for its vectorized per-sample gradients.
+    """
+    cross_entropy = keras.losses.CategoricalCrossentropy(reduction=None)
+    rows = []
+    for i in range(len(targets)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(cross_entropy(targets[i : i + 1], model(inputs[i : i + 1], training=False)))
+        grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        rows.append(np.concatenate([np.reshape(tf.convert_to_tensor(g), [-1]) for g in grads]))
+    return np.stack(rows).astype(np.float64)

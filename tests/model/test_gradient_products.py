@@ -7,21 +7,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from reference_math import one_sample_gradients
 
 from influence_lib.model import InfluenceModel
 from influence_lib.model.layer_rules import DenseRule, LayerCall
-
-CCE = keras.losses.CategoricalCrossentropy(reduction=None)
-
-
-def one_sample_gradients(model, weights, inputs, targets):
-    rows = []
-    for i in range(len(targets)):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(CCE(targets[i : i + 1], model(inputs[i : i + 1], training=False)))
-        grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        rows.append(np.concatenate([np.reshape(tf.convert_to_tensor(g), [-1]) for g in grads]))
-    return np.stack(rows).astype(np.float64)
 
 
 def check_products(model, inputs, targets, start, last):
