@@ -249,36 +249,48 @@ class ConvRule(LayerRule):
         )
         return outputs if bias is None else outputs + bias
 
-    def _patches_and_delta(self, layer, call: LayerCall) -> tuple[tf.Tensor, tf.Tensor]:
-        """Input patches ``(B, positions, kh·kw·c_in)`` and ``δ`` as ``(B, positions, c_out)``."""
-        inputs, padding = self._padded(layer, _float32(call.inputs))
-        kernel_size, strides, dilation = list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate)
-        if layer.rank == 1:
-            inputs = inputs[:, None]
-            kernel_size, strides, dilation = [1] + kernel_size, [1] + strides, [1] + dilation
-        patches = tf.image.extract_patches(
-            inputs,
-            sizes=[1, *kernel_size, 1],
-            strides=[1, *strides, 1],
-            rates=[1, *dilation, 1],
-            padding=padding,
-        )
-        batch = tf.shape(patches)[0]
-        patches = tf.reshape(patches, [batch, -1, patches.shape[-1]])
-        return patches, tf.reshape(call.delta, [batch, -1, call.delta.shape[-1]])
+    @staticmethod
+    def _same_padding(inputs: tf.Tensor, kernel_size, strides, dilation) -> tf.Tensor:
+        """Pad the spatial axes as ``padding="same"`` does: output size ``⌈in / stride⌉``, the extra
+        row/column (if the total is odd) after."""
+        sizes = tf.shape(inputs)[1:-1]
+        extent = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+        outputs = -(-sizes // strides)
+        total = tf.maximum((outputs - 1) * strides + extent - sizes, 0)
+        before = total // 2
+        paddings = tf.stack([before, total - before], axis=1)
+        return tf.pad(inputs, tf.concat([[[0, 0]], paddings, [[0, 0]]], axis=0))
 
     def per_sample_gradients(self, layer, call):
-        patches, delta = self._patches_and_delta(layer, call)
-        kernel_grad = tf.matmul(patches, delta, transpose_a=True)
-        return [tf.reshape(kernel_grad, [tf.shape(delta)[0], *layer.kernel.shape]), tf.reduce_sum(delta, axis=1)]
+        """``∂ℓ_i/∂K[u, v] = Σ_positions x_i[shifted by (u, v)] ⊗ δ_i`` and ``∂ℓ_i/∂b = Σ_positions δ_i``.
 
-    def flat_gradients(self, layer, call, watched):
-        """With kernel and bias watched, ``[patch, 1] ⊗ δ`` summed over positions is ``[vec(∂K), ∂b]``."""
-        if watched != [True, True]:
-            return super().flat_gradients(layer, call, watched)
-        patches, delta = self._patches_and_delta(layer, call)
-        augmented = tf.concat([patches, tf.ones_like(patches[..., :1])], axis=-1)
-        return tf.reshape(tf.matmul(augmented, delta, transpose_a=True), [tf.shape(delta)[0], -1])
+        Each kernel offset ``(u, v)`` takes the strided slice of the (padded) input that meets
+        ``K[u, v]`` at every output position and multiplies it with ``δ`` in one batched matmul,
+        ``(c_in × positions)·(positions × c_out)`` per sample. No patch tensor is formed: several
+        times faster on CPU than ``tf.image.extract_patches`` followed by one matmul.
+        """
+        inputs, padding = self._padded(layer, _float32(call.inputs))
+        kernel_size, strides, dilation = list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate)
+        delta = call.delta
+        if layer.rank == 1:
+            inputs, delta = inputs[:, None], delta[:, None]
+            kernel_size, strides, dilation = [1] + kernel_size, [1] + strides, [1] + dilation
+        if padding == "SAME":
+            inputs = self._same_padding(inputs, kernel_size, strides, dilation)
+        batch, rows, columns = tf.shape(delta)[0], tf.shape(delta)[1], tf.shape(delta)[2]
+        flat_delta = tf.reshape(delta, [batch, -1, delta.shape[-1]])
+        per_offset = []
+        for u in range(kernel_size[0]):
+            for v in range(kernel_size[1]):
+                shifted = inputs[
+                    :,
+                    u * dilation[0] : u * dilation[0] + (rows - 1) * strides[0] + 1 : strides[0],
+                    v * dilation[1] : v * dilation[1] + (columns - 1) * strides[1] + 1 : strides[1],
+                ]
+                flat_shifted = tf.reshape(shifted, [batch, -1, inputs.shape[-1]])
+                per_offset.append(tf.matmul(flat_shifted, flat_delta, transpose_a=True))
+        kernel_grad = tf.reshape(tf.stack(per_offset, axis=1), [batch, *layer.kernel.shape])
+        return [kernel_grad, tf.reduce_sum(flat_delta, axis=1)]
 
 
 class EmbeddingRule(LayerRule):

@@ -136,6 +136,28 @@ def test_conv2d(options):
 
 @pytest.mark.parametrize(
     "options",
+    [
+        dict(kernel_size=3, strides=2, padding="same"),
+        dict(kernel_size=(3, 2), strides=(1, 3), dilation_rate=1, padding="same"),
+        dict(kernel_size=2, dilation_rate=(2, 1), padding="valid"),
+    ],
+)
+def test_conv2d_with_unknown_spatial_size(options):
+    """Spatial sizes only known when the batch arrives: padding and slicing are computed at run time."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 6, 9, 2)).astype(np.float32)
+    y = one_hot(rng.integers(0, 3, 3), 3)
+    model = keras.Sequential([
+        keras.Input((None, None, 2)),
+        keras.layers.Conv2D(3, activation="relu", **options),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+    check_closed_form(model, x, y, 0, 2)
+
+
+@pytest.mark.parametrize(
+    "options",
     [dict(padding="causal", dilation_rate=2), dict(padding="same", strides=2), dict(padding="valid")],
 )
 def test_conv1d(options):
