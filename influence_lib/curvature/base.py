@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from ..common.datasets import Batch, iterate_batches
 from ..common.errors import NonFiniteError
+from ..common.streams import GeneratorDataset
 from ..model.influence_model import InfluenceModel
 
 
@@ -98,7 +99,7 @@ class InverseHessianVectorProduct(ABC):
         if use_gradient:
             self.model.check_dataset(group, "group")
         signature = tf.TensorSpec((self.model.nb_params, None), self.model.weights[0].dtype)
-        return tf.data.Dataset.from_generator(
+        return GeneratorDataset(
             lambda: (single_batch(batch, use_gradient) for batch in iterate_batches(group, "group")),
-            output_signature=signature,
+            signature,
         )

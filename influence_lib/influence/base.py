@@ -28,6 +28,7 @@ from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, it
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
+from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
 from ..common.vector_cache import load_vectors, save_vectors
 
@@ -111,9 +112,7 @@ class SelfInfluenceCalculator(ABC):
         """
         self._check_dataset(train_set, "train_set")
         signature = (train_set.element_spec, tf.TensorSpec((None,), VALUE_DTYPE))
-        return tf.data.Dataset.from_generator(
-            lambda: self._self_influence_batches(train_set), output_signature=signature
-        )
+        return GeneratorDataset(lambda: self._self_influence_batches(train_set), signature)
 
     def compute_top_k_from_training_dataset(
         self, train_set: tf.data.Dataset, k: int, order: ORDER = ORDER.DESCENDING
@@ -199,7 +198,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         else:
             make_pairs = lambda: self._influence_vector_batches(train_set)
         signature = (train_set.element_spec, tf.TensorSpec((None, None), VALUE_DTYPE))
-        return tf.data.Dataset.from_generator(make_pairs, output_signature=signature)
+        return GeneratorDataset(make_pairs, signature)
 
     def _save_influence_vectors(self, train_set: tf.data.Dataset, path: str) -> None:
         save_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path, self._cache_fingerprint())
@@ -276,7 +275,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 for batch, vectors in source():
                     yield inputs_of(batch), self._estimate_influence_value_from_influence_vector(evaluated, vectors)
 
-            return tf.data.Dataset.from_generator(generate, output_signature=signature)
+            return GeneratorDataset(generate, signature)
 
         def computed() -> Iterator[tuple[Batch, tf.data.Dataset]]:
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
@@ -346,7 +345,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             samples_spec,
             tf.TensorSpec((None, None), tf.int64),
         )
-        top_k_dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+        top_k_dataset = GeneratorDataset(generate, signature)
         if save_top_k_ds_path is None:
             return top_k_dataset
         tf.data.Dataset.save(top_k_dataset, save_top_k_ds_path)
