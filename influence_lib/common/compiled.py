@@ -1,4 +1,11 @@
-"""``compiled_method``: a ``tf.function`` per instance, owned by the instance.
+"""``compiled_function`` and ``compiled_method``: how the library compiles its hot paths.
+
+Both are ``tf.function(reduce_retracing=True, autograph=False)``. The library's code uses explicit
+TensorFlow control flow (``tf.while_loop``, ``tf.cond``), so AutoGraph has nothing to convert, and
+its source-to-source conversion cost about 0.9 s of the first call in a fresh process (measured on
+the 2-core development machine). Keras 3's own ``fit`` does not convert user code either
+(its step functions are ``do_not_convert``), so user losses and layers see the same semantics
+as in training.
 
 ``tf.function`` used as a method decorator keeps only a weak reference to ``self``, so a call on
 a temporary object (``InfluenceModel(model).batch_jacobian_tensor(batch)``) fails once the
@@ -10,8 +17,13 @@ import functools
 import tensorflow as tf
 
 
+def compiled_function(function):
+    """``function`` as ``tf.function(reduce_retracing=True, autograph=False)``."""
+    return tf.function(function, reduce_retracing=True, autograph=False)
+
+
 class compiled_method:
-    """Decorate a method to run it as ``tf.function(reduce_retracing=True)``, traced per instance."""
+    """Decorate a method to run it as a :func:`compiled_function`, traced per instance."""
 
     def __init__(self, function):
         self.function = function
@@ -24,6 +36,6 @@ class compiled_method:
     def __get__(self, instance, owner=None):
         if instance is None:
             return self
-        compiled = tf.function(self.function.__get__(instance, owner), reduce_retracing=True)
+        compiled = compiled_function(self.function.__get__(instance, owner))
         instance.__dict__[self.name] = compiled
         return compiled

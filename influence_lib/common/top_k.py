@@ -8,6 +8,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from .compiled import compiled_function
 from .enums import ORDER
 
 
@@ -32,7 +33,7 @@ class TopK(NamedTuple):
     indices: tf.Tensor
 
 
-@tf.function(reduce_retracing=True)
+@compiled_function
 def _merge(best_values, best_indices, best_samples, new_values, new_indices, new_samples, descending: bool):
     """Merge a scored batch into the current top-k. Ties keep the earlier training index."""
     k = tf.shape(best_values)[1]

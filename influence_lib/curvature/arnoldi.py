@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from ..common.compiled import compiled_function
 from ..common.errors import NonFiniteError, SingularHessianError
 from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
@@ -34,7 +35,7 @@ DEFAULT_SUBSPACE_DIM = 200
 MatMat = Callable[[tf.Tensor], tf.Tensor]
 
 
-@tf.function(reduce_retracing=True)
+@compiled_function
 def _orthogonalize(basis: tf.Tensor, count: tf.Tensor, vector: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Remove from ``vector`` its components on the first ``count`` rows of ``basis``.
 

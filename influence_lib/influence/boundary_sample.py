@@ -13,6 +13,7 @@ the model returns them) are the class scores. Only self-influence is defined (no
 import keras
 import tensorflow as tf
 
+from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset
 from ._deepfool import check_classifier_outputs, check_deepfool_arguments, deepfool
 from .base import SelfInfluenceCalculator
@@ -54,7 +55,7 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
         if not isinstance(dataset.element_spec, tuple) or not isinstance(dataset.element_spec[0], tf.TensorSpec):
             raise TypeError(f"{name} must yield (inputs, targets) tuples whose inputs are a single tensor.")
 
-    @tf.function(reduce_retracing=True)
+    @compiled_function
     def _boundary_distances(self, inputs: tf.Tensor) -> tf.Tensor:
         inputs = tf.cast(inputs, tf.float32)
         sample_shape = tf.shape(inputs)[1:]

@@ -24,6 +24,7 @@ paper (Influenciae uses ``p`` in place of ``q``; both coincide for ``p = 2``, th
 import keras
 import tensorflow as tf
 
+from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset
 from ._deepfool import check_classifier_outputs, check_deepfool_arguments, deepfool, dual_exponent
 from ._dense_head import split_dense_head
@@ -69,7 +70,7 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         check_dataset(dataset, name)
 
-    @tf.function(reduce_retracing=True)
+    @compiled_function
     def _weight_distances(self, inputs) -> tf.Tensor:
         features = tf.cast(self.head.features(inputs, training=False), tf.float32)
         kernel = tf.cast(self.head.kernel, tf.float32)

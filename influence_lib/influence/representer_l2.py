@@ -39,6 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset, iterate_batches
 from ..common.progress import progress
 from ..model.influence_model import _check_unreduced
@@ -155,7 +156,7 @@ class RepresenterPointL2(BaseInfluenceCalculator):
             targets.append(batch_targets)
         return tf.concat(features, axis=0), tf.concat(targets, axis=0)
 
-    @tf.function(reduce_retracing=True)
+    @compiled_function
     def _features_and_outputs(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
         features = tf.cast(self.head.features(inputs, training=False), tf.float32)
         outputs = tf.cast(self.model(inputs, training=False), tf.float32)
@@ -171,18 +172,18 @@ class RepresenterPointL2(BaseInfluenceCalculator):
         lam = self.lambda_regularization
         cg_iterations = int(min(features.shape[1] * self.nb_classes, 200))
 
-        @tf.function
+        @compiled_function
         def objective(kernel):
             return tf.reduce_mean(self._losses(targets, features @ kernel)) + lam * tf.reduce_sum(kernel * kernel)
 
-        @tf.function
+        @compiled_function
         def value_and_gradient(kernel):
             with tf.GradientTape() as tape:
                 tape.watch(kernel)
                 value = objective(kernel)
             return value, tape.gradient(value, kernel)
 
-        @tf.function
+        @compiled_function
         def newton_direction(kernel, gradient):
             def hvp(direction):
                 with tf.GradientTape() as outer:
@@ -228,13 +229,13 @@ class RepresenterPointL2(BaseInfluenceCalculator):
             total = tf.reduce_sum(self._losses(targets, logits))
         return -tape.gradient(total, logits) / (2.0 * self.lambda_regularization * self.n_train)
 
-    @tf.function(reduce_retracing=True)
+    @compiled_function
     def _alpha(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
         """Features ``(B, d)`` and representer values ``α`` ``(B, C)`` of a batch of training inputs."""
         features, targets = self._features_and_outputs(inputs)
         return features, self._representer_values(features, targets)
 
-    @tf.function(reduce_retracing=True)
+    @compiled_function
     def _label_alpha(self, inputs, labels) -> tuple[tf.Tensor, tf.Tensor]:
         """Features and representer values ``α̃`` taken against the training labels (class indices)."""
         features, _ = self._features_and_outputs(inputs)
