@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..common.compiled import compiled_method
 from ..common.datasets import Batch
 from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
@@ -161,15 +162,18 @@ class TracIn(BaseInfluenceCalculator):
             "learning_rates": self.learning_rates,
         }
 
+    @compiled_method
     def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
         return tf.concat([model.batch_jacobian_tensor(samples) for model in self.models], axis=1)
 
+    @compiled_method
     def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
         return tf.concat(
             [rate * model.batch_jacobian_tensor(train_samples) for model, rate in zip(self.models, self.learning_rates)],
             axis=1,
         )
 
+    @compiled_method
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
         return tf.add_n(
             [
@@ -178,11 +182,13 @@ class TracIn(BaseInfluenceCalculator):
             ]
         )
 
+    @compiled_method
     def influence_between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
         """TracIn of every training sample of one batch on every sample of another, shape ``(test, train)``.
 
         Uses :meth:`InfluenceModel.batch_gradient_dot_tensor` per checkpoint (closed forms where the
-        model has them), without building influence vectors.
+        model has them), without building influence vectors. Like every per-batch computation of
+        TracIn, one ``tf.function`` covers all checkpoints (one call per batch, not one per checkpoint).
         """
         return tf.add_n(
             [
