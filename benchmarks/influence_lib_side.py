@@ -96,7 +96,8 @@ def run_cg(settings, model, inputs, labels) -> np.ndarray:
     return self_influence(calculator, dataset(inputs, labels, settings.cg_influence_lib_rhs_batch_size))
 
 
-def run_tracin(settings, arrays, inputs, labels, layers: tuple[int, int | None]) -> np.ndarray:
+def tracin_calculator(settings, arrays, layers: tuple[int, int | None]):
+    """TracIn over one wrapped model per checkpoint, built once (it computes nothing until scoring)."""
     from influence_lib.influence.tracin import TracIn
 
     start_layer, last_layer = layers
@@ -106,8 +107,7 @@ def run_tracin(settings, arrays, inputs, labels, layers: tuple[int, int | None])
         )
         for prefix in workloads.checkpoint_prefixes(settings)
     ]
-    calculator = TracIn(models, settings.learning_rate, show_progress=False)
-    return self_influence(calculator, dataset(inputs, labels, settings.influence_lib_batch_size))
+    return TracIn(models, settings.learning_rate, show_progress=False)
 
 
 def run_arnoldi(settings, model, inputs, labels) -> np.ndarray:
@@ -135,11 +135,18 @@ def run(settings: workloads.Settings, workdir: Path, names: list[str]) -> Iterat
     arrays = workloads.load_model_file(workdir)
     inputs, labels = arrays["inputs"], arrays["labels"]
     model = InfluenceModel(build_model(settings, workloads.weights_of(arrays)), start_layer=-1)
+    tracin = {
+        name: tracin_calculator(settings, arrays, workloads.TRACIN_LAYERS[name])
+        for name in workloads.TRACIN_LAYERS
+        if name in names and module_available(OPTIONAL_MODULES[name])
+    }
     runners = {
         "exact": lambda: run_exact(settings, model, inputs, labels),
         "cg": lambda: run_cg(settings, model, inputs, labels),
-        "tracin": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin"]),
-        "tracin_all": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin_all"]),
+        "tracin": lambda: self_influence(tracin["tracin"], dataset(inputs, labels, settings.influence_lib_batch_size)),
+        "tracin_all": lambda: self_influence(
+            tracin["tracin_all"], dataset(inputs, labels, settings.influence_lib_batch_size)
+        ),
         "arnoldi": lambda: run_arnoldi(settings, model, inputs, labels),
     }
     skipped = {

@@ -79,15 +79,6 @@ def run_cg(settings, model, inputs, labels) -> np.ndarray:
     return self_influence(calculator, subset)
 
 
-def run_tracin(settings, arrays, inputs, labels, layers: tuple[int, int | None]) -> np.ndarray:
-    models = [
-        influence_model(settings, workloads.weights_of(arrays, prefix), layers)
-        for prefix in workloads.checkpoint_prefixes(settings)
-    ]
-    calculator = TracIn(models, settings.learning_rate)
-    return self_influence(calculator, dataset(inputs, labels, settings.influenciae_batch_size))
-
-
 def run_arnoldi(settings, model, inputs, labels) -> np.ndarray:
     tf.random.set_seed(settings.seed)
     hessian_data = dataset(*workloads.hessian_part(inputs, labels, settings), settings.influenciae_batch_size)
@@ -102,11 +93,22 @@ def run(settings: workloads.Settings, workdir: Path, names: list[str]) -> Iterat
     arrays = workloads.load_model_file(workdir)
     inputs, labels = arrays["inputs"], arrays["labels"]
     model = influence_model(settings, workloads.weights_of(arrays))
+    tracin = {
+        name: TracIn(
+            [influence_model(settings, workloads.weights_of(arrays, prefix), layers)
+             for prefix in workloads.checkpoint_prefixes(settings)],
+            settings.learning_rate,
+        )
+        for name, layers in workloads.TRACIN_LAYERS.items()
+        if name in names
+    }
     runners = {
         "exact": lambda: run_exact(settings, model, inputs, labels),
         "cg": lambda: run_cg(settings, model, inputs, labels),
-        "tracin": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin"]),
-        "tracin_all": lambda: run_tracin(settings, arrays, inputs, labels, workloads.TRACIN_LAYERS["tracin_all"]),
+        "tracin": lambda: self_influence(tracin["tracin"], dataset(inputs, labels, settings.influenciae_batch_size)),
+        "tracin_all": lambda: self_influence(
+            tracin["tracin_all"], dataset(inputs, labels, settings.influenciae_batch_size)
+        ),
         "arnoldi": lambda: run_arnoldi(settings, model, inputs, labels),
     }
     yield from workloads.run_all(SIDE, runners, names, settings, workdir)
