@@ -1,11 +1,14 @@
 """Per-sample gradient throughput: closed form vs. generic vectorization vs. one batch gradient.
 
 For an MLP (64-128-10) and a small CNN (28×28×1 → Conv 16 → Conv 32 → Dense 10), all layers
-watched, one batch, this times (median of up to ``--repeats`` runs after one warm-up/trace, at
-most about ``--budget`` seconds per method):
+watched, one batch, this times (median of up to ``--repeats`` runs after one warm-up/trace, about
+``--budget`` seconds per method; the fast methods run in interleaved rounds so that their ratios
+are stable on a shared machine):
 
 * ``closed_form``      — ``InfluenceModel.batch_jacobian_tensor`` (one forward + one backward pass,
-  per-layer closed form),
+  per-layer closed form, concatenated into one ``(B, P)`` matrix),
+* ``closed_form_blocks`` — ``InfluenceModel.batch_jacobian_blocks`` (the same, one ``(B, P_l)``
+  block per layer: no concatenation copy),
 * ``jacobian_pfor``    — ``GradientTape.jacobian`` with pfor (``per_sample_gradients="jacobian"``),
 * ``vectorized_map``   — ``tf.vectorized_map`` of a one-sample gradient,
 * ``batch_gradient``   — one plain forward + backward pass of the batch (gradient of the summed
@@ -15,7 +18,7 @@ most about ``--budget`` seconds per method):
 and reports samples/s and the ratio of each to ``batch_gradient``. It also checks that the closed
 form agrees with the pfor jacobian. Run from the repository root::
 
-    python benchmarks/gradient_throughput.py [--batch-size 256] [--repeats 20] [--budget 3] [--json out.json]
+    python benchmarks/gradient_throughput.py [--batch-size 256] [--repeats 200] [--budget 3] [--json out.json]
 """
 import argparse
 import json
@@ -79,18 +82,34 @@ def wait_for(result) -> None:
     tf.test.experimental.sync_devices()
 
 
-def median_seconds(function, batch, repeats: int, budget: float) -> float:
-    """Median wall time of ``function(batch)`` after a warm-up call; fewer repeats for slow methods
-    so that each method spends about ``budget`` seconds at most (at least one timed run)."""
-    wait_for(function(batch))
+def seconds_of(function, batch) -> float:
     start = time.perf_counter()
     wait_for(function(batch))
-    timings = [time.perf_counter() - start]
-    for _ in range(min(repeats, int(budget / timings[0])) - 1):
-        start = time.perf_counter()
+    return time.perf_counter() - start
+
+
+def median_seconds(methods: dict, batch, repeats: int, budget: float) -> dict[str, float]:
+    """Median wall time of each ``method(batch)`` after a warm-up call.
+
+    Methods fast enough for 10 runs within ``budget`` seconds are timed in interleaved rounds (one
+    call of each per round, up to ``repeats`` rounds, about ``budget`` seconds per method), so that
+    a slow spell of the machine hits them all alike and their ratios stay stable; slower ones get
+    as many runs as fit in ``budget`` (at least one).
+    """
+    first = {}
+    for name, function in methods.items():
         wait_for(function(batch))
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+        first[name] = seconds_of(function, batch)
+    fast = [name for name, seconds in first.items() if seconds * 10 <= budget]
+    timings = {name: [seconds] for name, seconds in first.items()}
+    rounds = min(repeats, int(budget * len(fast) / max(sum(first[name] for name in fast), 1e-9)))
+    for _ in range(rounds - 1):
+        for name in fast:
+            timings[name].append(seconds_of(methods[name], batch))
+    for name in set(methods) - set(fast):
+        for _ in range(min(repeats, int(budget / first[name])) - 1):
+            timings[name].append(seconds_of(methods[name], batch))
+    return {name: statistics.median(values) for name, values in timings.items()}
 
 
 def benchmark(name: str, builder, batch_size: int, repeats: int, budget: float) -> dict:
@@ -113,7 +132,7 @@ def benchmark(name: str, builder, batch_size: int, repeats: int, budget: float) 
         "batch_gradient": closed.batch_gradient_tensor,
         "norm_sq_closed": closed.batch_gradient_norm_sq_tensor,
     }
-    seconds = {method: median_seconds(function, batch, repeats, budget) for method, function in methods.items()}
+    seconds = median_seconds(methods, batch, repeats, budget)
     return {
         "model": name,
         "nb_params": closed.nb_params,
@@ -127,7 +146,7 @@ def benchmark(name: str, builder, batch_size: int, repeats: int, budget: float) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per method, at most")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -135,10 +154,10 @@ def main() -> None:
     models = (("MLP", mlp), ("CNN", cnn))
     results = [benchmark(name, builder, args.batch_size, args.repeats, args.budget) for name, builder in models]
     methods = list(results[0]["samples_per_second"])
-    print(f"{'model':<6}{'params':>9}  " + "".join(f"{m:>16}" for m in methods))
+    print(f"{'model':<6}{'params':>9}  " + "".join(f"{m:>20}" for m in methods))
     for result in results:
-        rates = "".join(f"{result['samples_per_second'][m]:>14.0f}/s" for m in methods)
-        ratios = "".join(f"{result['time_vs_batch_gradient'][m]:>15.2f}x" for m in methods)
+        rates = "".join(f"{result['samples_per_second'][m]:>18.0f}/s" for m in methods)
+        ratios = "".join(f"{result['time_vs_batch_gradient'][m]:>19.2f}x" for m in methods)
         print(f"{result['model']:<6}{result['nb_params']:>9}  {rates}")
         print(f"{'':<6}{'time/fb':>9}  {ratios}   (max |closed − pfor| = {result['max_abs_difference_vs_pfor']:.1e})")
     if args.json:
