@@ -44,7 +44,7 @@ class Settings:
     (Influenciae's exact Hessian costs about 0.1 s per sample, so all 4096 would take ~10 min).
     Each workload is timed ``repeats`` times in a row on each side, and more (up to
     ``max_repeats``) while its warm runs have taken less than ``warm_budget_seconds`` in all:
-    the first run is ``cold`` (it includes tracing), the best later run is ``warm``. Fast
+    the first run is ``cold`` (it includes tracing), the median of the later runs is ``warm``. Fast
     workloads thus get several warm runs, slow ones (Influenciae's exact Hessian) one.
     CG uses the same relative tolerance on both sides; on this problem (condition number of
     about 10⁴) no right-hand side reaches it within ``cg_max_iterations``, so both sides do
@@ -171,7 +171,7 @@ def record(workdir: Path, side: str, workload: str, values: np.ndarray, times: l
         "workload": workload,
         "n_values": int(values.size),
         "cold_seconds": times[0],
-        "warm_seconds": min(times[1:]) if len(times) > 1 else times[0],
+        "warm_seconds": float(np.median(times[1:])) if len(times) > 1 else times[0],
         "runs": len(times),
         "checksum": float(np.sum(values)),
         "finite": bool(np.isfinite(values).all()),
