@@ -11,9 +11,9 @@ wraps the library's exceptions into TensorFlow errors.
 that a Python ``for`` loop over it in eager mode runs the generator in the calling thread: the
 same elements (cast to the signature's dtypes and checked against its shapes, as
 ``from_generator`` does), computed on the default device, with no copy, and the library's own
-exceptions. It subclasses ``tf.data.Dataset`` through its documented-by-code hooks (the wrapped
-dataset's variant tensor and ``_inputs``), as TensorFlow's own dataset classes do; the tests
-check both paths element by element.
+exceptions. It subclasses ``tf.data.Dataset`` the way TensorFlow's own dataset classes do: it hands
+the wrapped dataset's variant tensor to the base class and lists that dataset in ``_inputs``
+(private hooks, stable across TF 2.16–2.21); the tests check both paths element by element.
 """
 from collections.abc import Callable, Iterator
 
