@@ -13,7 +13,7 @@ same elements (cast to the signature's dtypes and checked against its shapes, as
 ``from_generator`` does), computed on the default device, with no copy, and the library's own
 exceptions. It subclasses ``tf.data.Dataset`` the way TensorFlow's own dataset classes do: it hands
 the wrapped dataset's variant tensor to the base class and lists that dataset in ``_inputs``
-(private hooks, stable across TF 2.16–2.21); the tests check both paths element by element.
+(private hooks, checked on TF 2.21); the tests check both paths element by element.
 """
 from collections.abc import Callable, Iterator
 
