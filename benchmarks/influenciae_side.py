@@ -105,10 +105,12 @@ def run(settings: workloads.Settings, workdir: Path, names: list[str]) -> Iterat
     runners = {
         "exact": lambda: run_exact(settings, model, inputs, labels),
         "cg": lambda: run_cg(settings, model, inputs, labels),
-        "tracin": lambda: self_influence(tracin["tracin"], dataset(inputs, labels, settings.influenciae_batch_size)),
-        "tracin_all": lambda: self_influence(
-            tracin["tracin_all"], dataset(inputs, labels, settings.influenciae_batch_size)
-        ),
+        **{
+            name: lambda calculator=calculator: self_influence(
+                calculator, dataset(inputs, labels, settings.influenciae_batch_size)
+            )
+            for name, calculator in tracin.items()
+        },
         "arnoldi": lambda: run_arnoldi(settings, model, inputs, labels),
     }
     yield from workloads.run_all(SIDE, runners, names, settings, workdir)
