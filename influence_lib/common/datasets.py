@@ -36,9 +36,15 @@ def iterate_batches(dataset: tf.data.Dataset, name: str = "dataset") -> Iterator
         raise ValueError(f"{name} is empty: it yields no batch. Pass a dataset with at least one sample.")
 
 
+def size_of(tensor: tf.Tensor, axis: int = 0) -> int:
+    """Length of an eager ``tensor`` along ``axis``, read from its shape: no op runs (in a
+    per-batch loop ``int(tf.shape(t)[0])`` costs two eager op dispatches, ≈ 0.1 ms)."""
+    return int(tensor.shape[axis])
+
+
 def batch_size_of(batch: Batch) -> int:
     """Number of samples in ``batch`` (the leading dimension of its first tensor)."""
-    return int(tf.shape(tf.nest.flatten(batch)[0])[0])
+    return size_of(tf.nest.flatten(batch)[0])
 
 
 def inputs_of(batch: Batch):

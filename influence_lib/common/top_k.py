@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from .compiled import compiled_function
+from .datasets import size_of
 from .enums import ORDER
 
 
@@ -106,7 +107,7 @@ class StreamingTopK:
         self._state = _merge(
             *self._state, values, tf.cast(indices, tf.int64), samples, self.order == ORDER.DESCENDING
         )
-        self._seen += int(tf.shape(values)[1])
+        self._seen += size_of(values, axis=1)
 
     def result(self) -> TopK:
         """The kept samples, best first; fewer than k columns when fewer samples were seen."""

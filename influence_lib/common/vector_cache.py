@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 import tensorflow as tf
 
+from .datasets import size_of
+
 _METADATA = "influence_lib_cache.json"
 
 
@@ -19,7 +21,7 @@ def save_vectors(batches: Iterable[tf.Tensor], path: str, fingerprint: dict) -> 
 
     def generate():
         for vectors in batches:
-            counts.append(int(tf.shape(vectors)[0]))
+            counts.append(size_of(vectors))
             yield vectors
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec((None, None), tf.float32))

@@ -24,7 +24,7 @@ from itertools import zip_longest
 
 import tensorflow as tf
 
-from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches
+from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches, size_of
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
@@ -45,6 +45,10 @@ def _check_finite(values: tf.Tensor, first_index: int, what: str) -> tf.Tensor:
             "finite (check those inputs and labels), or the Hessian is ill-conditioned (use damping)."
         )
     return values
+
+
+def _as_vector(values: tf.Tensor) -> tf.Tensor:
+    return values if values.shape.rank == 1 else tf.reshape(values, [-1])
 
 
 @contextmanager
@@ -97,7 +101,7 @@ class SelfInfluenceCalculator(ABC):
         )
         for batch in batches:
             with _located(offset):
-                values = tf.cast(tf.reshape(self._compute_influence_value_from_batch(batch), [-1]), VALUE_DTYPE)
+                values = tf.cast(_as_vector(self._compute_influence_value_from_batch(batch)), VALUE_DTYPE)
             yield batch, _check_finite(values, offset, "Self-influence values")
             offset += batch_size_of(batch)
 
@@ -355,7 +359,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 def _pair_with_batches(train_set: tf.data.Dataset, vector_batches) -> Iterator[tuple[Batch, tf.Tensor]]:
     """Zip training batches with their stored influence vectors; raise if the two disagree."""
     for batch, vectors in zip_longest(iterate_batches(train_set, "train_set"), vector_batches):
-        if batch is None or vectors is None or batch_size_of(batch) != int(tf.shape(vectors)[0]):
+        if batch is None or vectors is None or batch_size_of(batch) != size_of(vectors):
             raise ValueError(
                 "The training set does not match its cached influence vectors (different size or batching, "
                 "or a dataset that reshuffles each iteration). Recompute the cache for this training set, "
