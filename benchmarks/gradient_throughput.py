@@ -14,6 +14,8 @@ are stable on a shared machine):
 * ``batch_gradient``   — one plain forward + backward pass of the batch (gradient of the summed
   loss: the floor any per-sample method has to pay),
 * ``norm_sq_closed``   — ``batch_gradient_norm_sq_tensor`` (factored ‖g_i‖², no gradients formed),
+* ``write_result``     — filling a ``(B, P)`` float32 matrix once: no gradient at all, the memory
+  traffic any method that returns the per-sample gradients has to pay on top of ``batch_gradient``,
 
 and reports samples/s and the ratio of each to ``batch_gradient``. It also checks that the closed
 form agrees with the pfor jacobian. Run from the repository root::
@@ -75,6 +77,18 @@ def vectorized_map_gradients(influence_model: InfluenceModel):
     return run
 
 
+def write_result(nb_params: int):
+    """Fill a ``(B, nb_params)`` float32 matrix with a value read from the batch (so it is not
+    folded into a constant): the cost of writing the per-sample gradient matrix once."""
+
+    @tf.function
+    def run(batch):
+        inputs = batch[0]
+        return tf.fill([tf.shape(inputs)[0], nb_params], tf.reshape(inputs, [-1])[0])
+
+    return run
+
+
 def wait_for(result) -> None:
     """Block until ``result`` is computed on every device (``sync_devices``), without copying it to
     NumPy: a host copy of the B × P matrix is not part of computing per-sample gradients."""
@@ -131,6 +145,7 @@ def benchmark(name: str, builder, batch_size: int, repeats: int, budget: float) 
         "vectorized_map": vectorized_map_gradients(closed),
         "batch_gradient": closed.batch_gradient_tensor,
         "norm_sq_closed": closed.batch_gradient_norm_sq_tensor,
+        "write_result": write_result(closed.nb_params),
     }
     seconds = median_seconds(methods, batch, repeats, budget)
     return {
