@@ -22,6 +22,7 @@ import tensorflow as tf
 from ..common.datasets import Batch
 from ..curvature.arnoldi import ArnoldiIHVP
 from ..model.influence_model import InfluenceModel
+from ..model.measurement import Measurement
 from .base import VALUE_DTYPE, BaseInfluenceCalculator
 
 
@@ -48,6 +49,10 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         Seed of the Arnoldi start vector.
     show_progress
         Show progress bars.
+    measurement
+        What is explained on the query side: ``'loss'`` (default), ``'margin'`` or a callable
+        ``(model_outputs, targets) -> (batch,)`` (see :mod:`influence_lib.model.measurement`).
+        The training side always uses the loss.
 
     Attributes
     ----------
@@ -68,12 +73,14 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         damping: float = 0.0,
         seed: int = 0,
         show_progress: bool = True,
+        measurement: "str | Measurement | None" = None,
     ):
         if not isinstance(model, InfluenceModel):
             raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
         model.check_dataset(train_dataset, "train_dataset")
         self.model = model
         self.show_progress = show_progress
+        self.query_model = model.with_measurement(measurement)
         self.ihvp_calculator = ArnoldiIHVP(
             model,
             train_dataset,
@@ -103,11 +110,13 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
             "seed": arnoldi.seed,
         }
 
-    def _gradients(self, samples: Batch) -> tf.Tensor:
-        return tf.cast(self.model.batch_jacobian_tensor(samples), self.ihvp_calculator.dtype)
+    def _gradients(self, samples: Batch, model: InfluenceModel | None = None) -> tf.Tensor:
+        return tf.cast((model or self.model).batch_jacobian_tensor(samples), self.ihvp_calculator.dtype)
 
     def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
-        projected = tf.matmul(self._gradients(samples), self.ihvp_calculator.eigenvectors, transpose_b=True)
+        projected = tf.matmul(
+            self._gradients(samples, self.query_model), self.ihvp_calculator.eigenvectors, transpose_b=True
+        )
         return tf.cast(projected, VALUE_DTYPE)
 
     def _influence_vectors_of(self, gradients: tf.Tensor) -> tf.Tensor:

@@ -21,6 +21,7 @@ from ..common.datasets import Batch, batch_size_of, iterate_batches
 from ..curvature.base import InverseHessianVectorProduct
 from ..curvature.factory import IHVPCalculator, InverseHessianVectorProductFactory, make_ihvp
 from ..model.influence_model import InfluenceModel
+from ..model.measurement import Measurement
 from .base import BaseInfluenceCalculator
 from .group import FirstOrderGroupInfluence
 
@@ -81,6 +82,10 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         Show progress bars.
     seed
         Seed of the Hessian subset draw (the subset stays the same across passes).
+    measurement
+        What is explained on the query side: ``'loss'`` (default), ``'margin'`` or a callable
+        ``(model_outputs, targets) -> (batch,)`` (see :mod:`influence_lib.model.measurement`).
+        The training side always uses the loss.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         normalize: bool = False,
         show_progress: bool = True,
         seed: int = 0,
+        measurement: "str | Measurement | None" = None,
     ):
         self.train_set, self.ihvp_calculator = fit_curvature(
             model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, seed, show_progress
@@ -100,6 +106,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         self.model = model
         self.normalize = bool(normalize)
         self.show_progress = show_progress
+        self.query_model = model.with_measurement(measurement)
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         self.model.check_dataset(dataset, name)
@@ -119,7 +126,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         return tf.math.divide_no_nan(vectors, tf.norm(vectors, axis=1, keepdims=True))
 
     def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
-        return self.model.batch_jacobian_tensor(samples)
+        return self.query_model.batch_jacobian_tensor(samples)
 
     def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
         return self._normalize_if_needed(self.ihvp_calculator.ihvp(self.model.batch_jacobian_tensor(train_samples)))

@@ -25,6 +25,7 @@ from ..common.compiled import compiled_method
 from ..common.datasets import Batch
 from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
+from ..model.measurement import Measurement
 from .base import BaseInfluenceCalculator
 from .tracin_checkpoint import TracInCheckpoint
 
@@ -46,6 +47,13 @@ def _learning_rates_for(learning_rates: float | Sequence[float], nb_models: int)
     return rates
 
 
+def _gradient_dots(query_model: InfluenceModel, model: InfluenceModel, queries: Batch, train: Batch) -> tf.Tensor:
+    """``⟨∇m(t_i), ∇ℓ(z_j)⟩``: the closed-form Gram when both sides differentiate the loss."""
+    if query_model is model:
+        return model.batch_gradient_dot_tensor(queries, train)
+    return tf.matmul(query_model.batch_jacobian_tensor(queries), model.batch_jacobian_tensor(train), transpose_b=True)
+
+
 class TracIn(BaseInfluenceCalculator):
     """TracInCP: the learning-rate-weighted sum over checkpoints of gradient dot products.
 
@@ -57,6 +65,10 @@ class TracIn(BaseInfluenceCalculator):
         The learning rate at each checkpoint (a list as long as ``models``), or one for all.
     show_progress
         Show progress bars.
+    measurement
+        What is explained on the query side: ``'loss'`` (default), ``'margin'`` or a callable
+        ``(model_outputs, targets) -> (batch,)`` (see :mod:`influence_lib.model.measurement`).
+        The training side always uses the loss.
 
     Attributes
     ----------
@@ -69,6 +81,7 @@ class TracIn(BaseInfluenceCalculator):
         models: Sequence[InfluenceModel],
         learning_rates: float | Sequence[float],
         show_progress: bool = True,
+        measurement: "str | Measurement | None" = None,
     ):
         if isinstance(models, InfluenceModel) or not isinstance(models, Sequence) or not models:
             raise TypeError("models must be a non-empty list of InfluenceModel, one per checkpoint.")
@@ -78,6 +91,7 @@ class TracIn(BaseInfluenceCalculator):
         self.models = list(models)
         self.learning_rates = _learning_rates_for(learning_rates, len(self.models))
         self.show_progress = show_progress
+        self.query_models = [model.with_measurement(measurement) for model in self.models]
 
     @classmethod
     def from_checkpoints(
@@ -86,6 +100,7 @@ class TracIn(BaseInfluenceCalculator):
         paths: Sequence[str],
         learning_rates: float | Sequence[float],
         show_progress: bool = True,
+        measurement: "str | Measurement | None" = None,
         **influence_model_kwargs,
     ) -> "TracIn":
         """TracIn over Keras weight files (``.weights.h5``) saved from ``model``'s architecture.
@@ -103,6 +118,8 @@ class TracIn(BaseInfluenceCalculator):
             The learning rate at each checkpoint, or one for all.
         show_progress
             Show progress bars.
+        measurement
+            What is explained on the query side (see :class:`TracIn`).
         **influence_model_kwargs
             Passed to every :class:`InfluenceModel` (``start_layer``, ``loss_function``, ...).
         """
@@ -116,7 +133,7 @@ class TracIn(BaseInfluenceCalculator):
             clone = keras.models.clone_model(model)
             clone.load_weights(path)
             models.append(InfluenceModel(clone, **influence_model_kwargs))
-        return cls(models, rates, show_progress=show_progress)
+        return cls(models, rates, show_progress=show_progress, measurement=measurement)
 
     @classmethod
     def from_callback(
@@ -124,6 +141,7 @@ class TracIn(BaseInfluenceCalculator):
         callback: TracInCheckpoint,
         model: keras.Model | None = None,
         show_progress: bool = True,
+        measurement: "str | Measurement | None" = None,
         **influence_model_kwargs,
     ) -> "TracIn":
         """TracIn over the checkpoints and learning rates a :class:`TracInCheckpoint` recorded.
@@ -137,6 +155,8 @@ class TracIn(BaseInfluenceCalculator):
             attached to (cloned, never modified).
         show_progress
             Show progress bars.
+        measurement
+            What is explained on the query side (see :class:`TracIn`).
         **influence_model_kwargs
             Passed to every :class:`InfluenceModel`.
         """
@@ -150,7 +170,9 @@ class TracIn(BaseInfluenceCalculator):
         model = callback.model if model is None else model
         paths = [path for path, _ in callback.checkpoints]
         rates = [rate for _, rate in callback.checkpoints]
-        return cls.from_checkpoints(model, paths, rates, show_progress=show_progress, **influence_model_kwargs)
+        return cls.from_checkpoints(
+            model, paths, rates, show_progress=show_progress, measurement=measurement, **influence_model_kwargs
+        )
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         self.models[0].check_dataset(dataset, name)
@@ -164,7 +186,7 @@ class TracIn(BaseInfluenceCalculator):
 
     @compiled_method
     def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
-        return tf.concat([model.batch_jacobian_tensor(samples) for model in self.models], axis=1)
+        return tf.concat([model.batch_jacobian_tensor(samples) for model in self.query_models], axis=1)
 
     @compiled_method
     def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
@@ -192,7 +214,7 @@ class TracIn(BaseInfluenceCalculator):
         """
         return tf.add_n(
             [
-                rate * model.batch_gradient_dot_tensor(tuple(samples_to_evaluate), tuple(train_samples))
-                for model, rate in zip(self.models, self.learning_rates)
+                rate * _gradient_dots(query_model, model, tuple(samples_to_evaluate), tuple(train_samples))
+                for query_model, model, rate in zip(self.query_models, self.models, self.learning_rates)
             ]
         )

@@ -11,6 +11,7 @@ pass of the batch: each watched layer's input ``a`` and output gradient ``δ`` a
 Anything else — another layer type, a subclassed model that uses weights outside its layers'
 ``call`` — automatically uses the vectorized jacobian (``GradientTape.jacobian`` with pfor).
 """
+import copy
 from collections.abc import Callable, Sequence
 
 import keras
@@ -22,6 +23,7 @@ from ..common.datasets import Batch, check_dataset, iterate_batches
 from .layer_recorder import LayerRecorder, Recording
 from .layer_rules import LayerCall, rule_for
 from .layer_selection import select_layers
+from .measurement import Measurement, MeasurementAsLoss, resolve_measurement
 
 ProcessBatch = Callable[[Batch], tuple[object, tf.Tensor, tf.Tensor | None]]
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
@@ -150,6 +152,32 @@ class InfluenceModel:
             parameters.append(params)
             self._weight_positions.append(positions)
         return LayerRecorder(self.closed_form_layers, rules, parameters), None
+
+    def with_measurement(self, measurement: "str | Measurement | None") -> "InfluenceModel":
+        """The same model and watched weights, differentiating ``measurement`` instead of the loss.
+
+        Parameters
+        ----------
+        measurement
+            ``None`` or ``'loss'`` (returns ``self``), ``'margin'`` (classifier margin
+            ``z_y − logsumexp_{k≠y} z_k``) or a callable ``(model_outputs, targets) -> (batch,)``;
+            see :mod:`influence_lib.model.measurement`.
+
+        Returns
+        -------
+        InfluenceModel
+            A view sharing the Keras model and its weights whose per-sample "loss" is the
+            measurement: its per-sample gradients are ``∇_θ m(t)`` (closed form where the loss's are).
+        """
+        function = resolve_measurement(measurement, self.loss_function)
+        if function is None:
+            return self
+        view = copy.copy(self)
+        for name, attribute in vars(type(self)).items():
+            if isinstance(attribute, compiled_method):
+                view.__dict__.pop(name, None)
+        view.loss_function = MeasurementAsLoss(function)
+        return view
 
     def __call__(self, inputs) -> tf.Tensor:
         """Run the wrapped model in inference mode."""
