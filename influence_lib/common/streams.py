@@ -14,7 +14,14 @@ same elements (cast to the signature's dtypes and checked against its shapes, as
 exceptions. It subclasses ``tf.data.Dataset`` the way TensorFlow's own dataset classes do: it hands
 the wrapped dataset's variant tensor to the base class and lists that dataset in ``_inputs``
 (private hooks, checked on TF 2.21); the tests check both paths element by element.
+
+``from_generator`` registers its generator function in a process-wide registry that is never
+cleared, which would keep everything the generator refers to (cached influence vectors, temporary
+cache directories) alive forever. The registered function therefore holds only a weak reference
+to ``make_iterator``; the :class:`GeneratorDataset` (and any dataset derived from it) holds the
+strong one, so the data is released with the last dataset that can iterate it.
 """
+import weakref
 from collections.abc import Callable, Iterator
 
 import tensorflow as tf
@@ -47,6 +54,19 @@ class _EagerIterator:
         return next(self)
 
 
+class _WeakGenerator:
+    """Calls ``make_iterator`` through a weak reference (see the module docstring)."""
+
+    def __init__(self, make_iterator: Callable[[], Iterator]):
+        self._make_iterator = weakref.ref(make_iterator)
+
+    def __call__(self) -> Iterator:
+        make_iterator = self._make_iterator()
+        if make_iterator is None:
+            raise RuntimeError("This stream was released: keep a reference to the dataset while iterating it.")
+        return make_iterator()
+
+
 class GeneratorDataset(tf.data.Dataset):
     """A ``tf.data.Dataset`` over the elements of ``make_iterator()``, fast to iterate eagerly.
 
@@ -61,7 +81,7 @@ class GeneratorDataset(tf.data.Dataset):
 
     def __init__(self, make_iterator: Callable[[], Iterator], output_signature):
         self._make_iterator = make_iterator
-        self._source = tf.data.Dataset.from_generator(make_iterator, output_signature=output_signature)
+        self._source = tf.data.Dataset.from_generator(_WeakGenerator(make_iterator), output_signature=output_signature)
         super().__init__(self._source._variant_tensor)
 
     def _inputs(self) -> list[tf.data.Dataset]:

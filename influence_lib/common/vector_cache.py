@@ -1,55 +1,124 @@
-"""Disk cache of training-side influence vectors (``tf.data.Dataset.save``) with a checked fingerprint.
+"""Disk cache of training-side influence vectors: fingerprinted, written atomically, checked on read.
 
-A cache directory holds the vectors batch by batch plus ``influence_lib_cache.json`` describing
-what produced them; loading a cache made by another calculator, model or training set is an
-error, never silently wrong data.
+A cache is a :class:`~influence_lib.common.storage.ShardStore` directory: one ``.npz`` shard of
+vectors per training batch (``batch_000000``, ...), each with its SHA-256, a manifest holding the
+fingerprint of what produced the vectors (calculator and settings, weights, curvature, training
+data, see :meth:`BaseInfluenceCalculator._disk_fingerprint`) and a completion record.
+
+Guarantees:
+
+* The directory is built beside ``path`` and swapped in only once every shard and the completion
+  record are written (:func:`~influence_lib.common.storage.atomic_directory`): a process killed
+  at any point leaves the previous complete cache or the new complete one, never a mix.
+* Loading a cache made by another calculator, setting, model or training set is a ``ValueError``
+  naming the fingerprint entries that differ.
+* A missing, incomplete or corrupt cache (truncated or altered shard, broken manifest) is an
+  ``OSError``/``ValueError`` naming the path and saying to delete it or recompute, never a raw
+  decoding error.
 """
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+import numpy as np
 import tensorflow as tf
 
-from .datasets import size_of
+from .storage import ShardStore, atomic_directory, read_json, recover_directory
 
-_METADATA = "influence_lib_cache.json"
+WHAT = "influence-vector cache"
+_MANIFEST = "manifest.json"
+_HINTS = {
+    "weights": "the model's weights changed",
+    "state": "the fitted state (curvature, eigenvectors, ...) differs",
+    "data": "another training set, order or batching, or one that reshuffles each iteration",
+}
+
+
+def _shard_name(index: int) -> str:
+    return f"batch_{index:06d}"
 
 
 def save_vectors(batches: Iterable[tf.Tensor], path: str, fingerprint: dict) -> None:
-    """Stream ``(batch, D)`` vector batches to ``path`` and write their fingerprint beside them."""
-    counts: list[int] = []
+    """Stream ``(batch, D)`` vector batches into a new cache at ``path``, replacing any cache there
+    only once the new one is complete.
 
-    def generate():
-        for vectors in batches:
-            counts.append(size_of(vectors))
-            yield vectors
+    Raises
+    ------
+    OSError
+        ``path`` cannot be written (names the path).
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OSError(f"The {WHAT} path {path!r} is a file, not a directory: pass a directory path.")
+    with atomic_directory(path) as temporary:
+        store = ShardStore(temporary, fingerprint, WHAT)
+        sizes = []
+        for index, vectors in enumerate(batches):
+            array = np.asarray(vectors)
+            store.write(_shard_name(index), vectors=array)
+            sizes.append(int(array.shape[0]))
+        store.mark_complete(num_samples=sum(sizes), batch_sizes=sizes)
 
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec((None, None), tf.float32))
-    tf.data.Dataset.save(dataset, path)
-    with open(os.path.join(path, _METADATA), "w", encoding="utf-8") as handle:
-        json.dump({**fingerprint, "num_samples": sum(counts), "batch_sizes": counts}, handle)
+
+def _differences(stored: dict, fingerprint: dict) -> str:
+    keys = sorted(set(stored) | set(fingerprint))
+    parts = []
+    for key in keys:
+        if stored.get(key) != fingerprint.get(key):
+            hint = _HINTS.get(key, f"cached {stored.get(key)!r} vs now {fingerprint.get(key)!r}")
+            parts.append(f"{key} ({hint})")
+    return ", ".join(parts)
 
 
-def load_vectors(path: str, fingerprint: dict, batch_sizes: list[int]) -> tf.data.Dataset:
-    """Load vectors saved by :func:`save_vectors`; raise if missing, made by something else, or made
-    for a training set batched differently than ``batch_sizes``."""
-    metadata_path = os.path.join(path, _METADATA)
-    if not os.path.isdir(path) or not os.path.exists(metadata_path):
+def open_vectors(path: str, fingerprint: dict) -> ShardStore:
+    """Open the complete cache at ``path`` made with ``fingerprint``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No cache at ``path``.
+    ValueError
+        The cache was made by a different setup (names what differs), or is incomplete or corrupt.
+    """
+    recover_directory(path)
+    manifest = os.path.join(path, _MANIFEST)
+    if not os.path.isdir(path) or not os.path.exists(manifest):
         raise FileNotFoundError(
-            f"No influence-vector cache at {path!r}. Compute it first (save_influence_vector_path=...) "
-            "or drop the load path."
+            f"No {WHAT} at {path!r}. Compute it first (save_influence_vector_path=...) or drop the load path."
         )
-    with open(metadata_path, encoding="utf-8") as handle:
-        metadata = json.load(handle)
-    mismatched = {key: (metadata.get(key), value) for key, value in fingerprint.items() if metadata.get(key) != value}
-    if mismatched:
-        details = ", ".join(f"{key}: cached {old!r} vs now {new!r}" for key, (old, new) in mismatched.items())
-        raise ValueError(f"The influence-vector cache at {path!r} was made by a different setup ({details}).")
-    if metadata["batch_sizes"] != batch_sizes:
+    stored = read_json(manifest, f"{WHAT} manifest").get("fingerprint")
+    normalized = _normalized(fingerprint)
+    if not isinstance(stored, dict):
+        raise ValueError(f"The {WHAT} at {path!r} is corrupt (its manifest has no fingerprint); delete it or recompute.")
+    if stored != normalized:
         raise ValueError(
-            f"The training set does not match the influence-vector cache at {path!r}: the cache holds "
-            f"{metadata['num_samples']} vectors in {len(metadata['batch_sizes'])} batches, the training set "
-            f"has {sum(batch_sizes)} samples in {len(batch_sizes)} batches. Recompute the cache for this "
-            "training set (same samples, same batching, fixed order)."
+            f"The {WHAT} at {path!r} was made by a different setup: {_differences(stored, normalized)}. "
+            "Recompute it for this setup (save_influence_vector_path=...), or load the cache that matches."
         )
-    return tf.data.Dataset.load(path)
+    store = ShardStore(path, fingerprint, WHAT)
+    completion = store.completion()
+    if completion is None or not isinstance(completion.get("batch_sizes"), list):
+        raise ValueError(f"The {WHAT} at {path!r} is incomplete; delete it or recompute.")
+    return store
+
+
+def _normalized(fingerprint: dict) -> dict:
+    """The fingerprint as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+def read_vectors(store: ShardStore) -> Iterator[tf.Tensor]:
+    """Yield the vector batches of an opened cache in order, each checked against its checksum."""
+    for index in range(len(store.completion()["batch_sizes"])):
+        try:
+            contents = store.read(_shard_name(index))
+        except FileNotFoundError as error:
+            raise ValueError(
+                f"The {WHAT} at {store.path!r} is incomplete (shard {_shard_name(index)!r} is missing); "
+                "delete it or recompute."
+            ) from error
+        if "vectors" not in contents:
+            raise ValueError(
+                f"The {WHAT} at {store.path!r} is corrupt (shard {_shard_name(index)!r} holds no vectors); "
+                "delete it or recompute."
+            )
+        yield tf.constant(contents["vectors"])

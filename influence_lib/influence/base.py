@@ -13,10 +13,13 @@ Two levels, as in Influenciae:
   set and reused for every sample to evaluate.
 
 Training-set indices are positions in the iteration order of the training dataset: pass a
-dataset that iterates in the same order every time (no reshuffling).
+dataset that iterates in the same order every time (no reshuffling; a training set that visibly
+reshuffles is refused, see :func:`~influence_lib.common.datasets.check_fixed_order`).
 """
 import os
+import shutil
 import tempfile
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,13 +27,23 @@ from itertools import zip_longest
 
 import tensorflow as tf
 
-from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches, size_of
+from ..common.datasets import (
+    Batch,
+    batch_size_of,
+    check_dataset,
+    check_fixed_order,
+    inputs_of,
+    iterate_batches,
+    size_of,
+)
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
-from ..common.vector_cache import load_vectors, save_vectors
+from ..common.storage import fingerprint_dataset
+from ..common.vector_cache import open_vectors, read_vectors, save_vectors
+from ._fingerprint import calculator_state
 
 VALUE_DTYPE = tf.float32
 
@@ -58,6 +71,15 @@ def _located(first_index: int):
         yield
     except NonFiniteError as error:
         raise NonFiniteError(f"In the training batch starting at sample {first_index}: {error}") from error
+
+
+class _TemporaryCache:
+    """A temporary directory removed when the last result using it is released, or at exit."""
+
+    def __init__(self):
+        self.directory = tempfile.mkdtemp(prefix="influence_vectors_")
+        self.path = os.path.join(self.directory, "vectors")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
 
 
 def extract_only_values(dataset: tf.data.Dataset) -> tf.Tensor:
@@ -94,6 +116,11 @@ class SelfInfluenceCalculator(ABC):
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         check_dataset(dataset, name)
 
+    def _check_train_set(self, train_set: tf.data.Dataset) -> None:
+        """The dataset checks of :meth:`_check_dataset`, and a fixed iteration order (indices are positions)."""
+        self._check_dataset(train_set, "train_set")
+        check_fixed_order(train_set, "train_set")
+
     def _self_influence_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
         offset = 0
         batches = progress(
@@ -114,7 +141,7 @@ class SelfInfluenceCalculator(ABC):
             Lazily computed elements ``(batch, values)``: the training batch as given and its
             self-influence values, shape ``(batch,)``. :func:`extract_only_values` turns it into one tensor.
         """
-        self._check_dataset(train_set, "train_set")
+        self._check_train_set(train_set)
         signature = (train_set.element_spec, tf.TensorSpec((None,), VALUE_DTYPE))
         return GeneratorDataset(lambda: self._self_influence_batches(train_set), signature)
 
@@ -131,7 +158,7 @@ class SelfInfluenceCalculator(ABC):
             ``(samples, values, indices)``: training inputs ``(k, ...)``, self-influence ``(k,)``
             best first, and training-set indices ``(k,)``. Fewer than k when the set is smaller.
         """
-        self._check_dataset(train_set, "train_set")
+        self._check_train_set(train_set)
         best = StreamingTopK(k, order)
         offset = 0
         for batch, values in self._self_influence_batches(train_set):
@@ -159,9 +186,29 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         """Influence of each training vector on each preprocessed sample, shape ``(test, train)``."""
         return tf.matmul(preproc_test_sample, influence_vector, transpose_b=True)
 
+    _fingerprint_ignored: tuple[str, ...] = ("show_progress",)
+
     def _cache_fingerprint(self) -> dict:
-        """What must match for a disk cache of influence vectors to be reused (subclasses extend it)."""
+        """Explicit settings that must match for a disk cache of influence vectors to be reused.
+
+        Subclasses extend it with what :meth:`_disk_fingerprint` cannot find among their attributes.
+        """
         return {"calculator": type(self).__name__}
+
+    def _disk_fingerprint(self, train_set: tf.data.Dataset) -> dict:
+        """Everything the influence vectors of ``train_set`` depend on, stored with a disk cache.
+
+        :meth:`_cache_fingerprint`; the calculator's public scalar settings and those of the library
+        objects it holds (curvature, ...), a hash of all weights of every model it uses, a hash of the
+        tensors it fitted (see :mod:`influence_lib.influence._fingerprint`); and the training data: its
+        structure, batch sizes and a hash of its whole contents (one pass reading data only).
+        Attributes named in ``_fingerprint_ignored`` (e.g. ``show_progress``) are left out.
+        """
+        return {
+            **calculator_state(self, self._fingerprint_ignored),
+            **self._cache_fingerprint(),
+            "data": fingerprint_dataset(train_set, batches=-1),
+        }
 
     def _influence_vector_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
         offset = 0
@@ -195,7 +242,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         tf.data.Dataset
             Elements ``(batch, vectors)`` with vectors of shape ``(batch, D)``.
         """
-        self._check_dataset(train_set, "train_set")
+        self._check_train_set(train_set)
         if save_influence_vector_ds_path is not None:
             self._save_influence_vectors(train_set, save_influence_vector_ds_path)
             make_pairs = self._vector_source(train_set, CACHE.DISK, save_influence_vector_ds_path, None)
@@ -205,7 +252,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         return GeneratorDataset(make_pairs, signature)
 
     def _save_influence_vectors(self, train_set: tf.data.Dataset, path: str) -> None:
-        save_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path, self._cache_fingerprint())
+        fingerprint = self._disk_fingerprint(train_set)
+        save_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path, fingerprint)
 
     def _vector_source(
         self,
@@ -221,15 +269,17 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         if load_path is None and save_path is not None:
             self._save_influence_vectors(train_set, save_path)
             load_path = save_path
+        temporary = None
         if load_path is None and cache == CACHE.DISK:
-            load_path = os.path.join(tempfile.mkdtemp(prefix="influence_vectors_"), "vectors")
+            temporary = _TemporaryCache()
+            load_path = temporary.path
             self._save_influence_vectors(train_set, load_path)
         if load_path is not None:
-            batch_sizes = [batch_size_of(batch) for batch in iterate_batches(train_set, "train_set")]
-            stored = load_vectors(load_path, self._cache_fingerprint(), batch_sizes)
+            store = open_vectors(load_path, self._disk_fingerprint(train_set))
             if cache == CACHE.MEMORY:
-                stored = stored.cache()
-            return lambda: _pair_with_batches(train_set, stored)
+                vectors = list(read_vectors(store))
+                return lambda: _pair_with_batches(train_set, vectors)
+            return lambda: _pair_with_batches(train_set, read_vectors(store), temporary)
         if cache == CACHE.MEMORY:
             vectors = [vectors for _, vectors in self._influence_vector_batches(train_set)]
             return lambda: _pair_with_batches(train_set, vectors)
@@ -267,7 +317,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             ``(training inputs, values)`` with values of shape ``(batch_to_evaluate, training_batch)``.
         """
         self._check_dataset(dataset_to_evaluate, "dataset_to_evaluate")
-        self._check_dataset(train_set, "train_set")
+        self._check_train_set(train_set)
         source = self._vector_source(
             train_set, influence_vector_in_cache, load_influence_vector_path, save_influence_vector_path
         )
@@ -321,7 +371,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             indices ``(batch, k)``. The first three are Influenciae's ``top_k`` outputs.
         """
         self._check_dataset(dataset_to_evaluate, "dataset_to_evaluate")
-        self._check_dataset(train_set, "train_set")
+        self._check_train_set(train_set)
         check_top_k_arguments(k, order)
         source = self._vector_source(
             train_set, influence_vector_in_cache, load_influence_vector_ds_path, save_influence_vector_ds_path
@@ -356,8 +406,13 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         return tf.data.Dataset.load(save_top_k_ds_path)
 
 
-def _pair_with_batches(train_set: tf.data.Dataset, vector_batches) -> Iterator[tuple[Batch, tf.Tensor]]:
-    """Zip training batches with their stored influence vectors; raise if the two disagree."""
+def _pair_with_batches(
+    train_set: tf.data.Dataset, vector_batches, keep_alive: _TemporaryCache | None = None
+) -> Iterator[tuple[Batch, tf.Tensor]]:
+    """Zip training batches with their stored influence vectors; raise if the two disagree.
+
+    ``keep_alive`` is the temporary cache the vectors are read from, held until the pass ends.
+    """
     for batch, vectors in zip_longest(iterate_batches(train_set, "train_set"), vector_batches):
         if batch is None or vectors is None or batch_size_of(batch) != size_of(vectors):
             raise ValueError(

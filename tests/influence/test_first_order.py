@@ -120,7 +120,7 @@ def test_disk_cache_roundtrip_and_mismatch(problem, tmp_path):
     with pytest.raises(ValueError, match="different setup"):
         _calculator(problem, normalize=True).top_k(problem["test"], problem["train"], load_influence_vector_ds_path=path)
     smaller = problem["train"].take(2)
-    with pytest.raises(ValueError, match="does not match the influence-vector cache"):
+    with pytest.raises(ValueError, match="different setup: data"):
         calculator.top_k(problem["test"], smaller, load_influence_vector_ds_path=path)
     with pytest.raises(FileNotFoundError, match="No influence-vector cache"):
         calculator.top_k(problem["test"], problem["train"], load_influence_vector_ds_path=str(tmp_path / "missing"))
