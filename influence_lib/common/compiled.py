@@ -16,10 +16,28 @@ import functools
 
 import tensorflow as tf
 
+from .graph_errors import converted_error
+
 
 def compiled_function(function):
-    """``function`` as ``tf.function(reduce_retracing=True, autograph=False)``."""
-    return tf.function(function, reduce_retracing=True, autograph=False)
+    """``function`` as ``tf.function(reduce_retracing=True, autograph=False)``.
+
+    A failed runtime check of the library inside it (see :mod:`influence_lib.common.graph_errors`)
+    is re-raised as a ``ValueError`` with the check's message.
+    """
+    compiled = tf.function(function, reduce_retracing=True, autograph=False)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except tf.errors.InvalidArgumentError as error:
+            clear = converted_error(error)
+            if clear is None:
+                raise
+            raise clear from None
+
+    return call
 
 
 class compiled_method:

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import Batch, check_dataset, iterate_batches
+from .checks import check_per_sample_loss
 from .layer_recorder import LayerRecorder, Recording
 from .layer_rules import LayerCall, rule_for
 from .layer_selection import select_layers
@@ -228,6 +229,7 @@ class InfluenceModel:
             )
         if losses.shape.rank > 1:
             losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
+        losses = check_per_sample_loss(losses, outputs, targets, sample_weight)
         if sample_weight is not None:
             losses = losses * tf.cast(tf.reshape(sample_weight, [-1]), losses.dtype)
         return losses
