@@ -38,9 +38,11 @@ def _shard_name(index: int) -> str:
     return f"batch_{index:06d}"
 
 
-def save_vectors(batches: Iterable[tf.Tensor], path: str, fingerprint: dict) -> None:
+def save_vectors(
+    batches: Iterable[tf.Tensor], path: str, fingerprint: dict, dtype: tf.DType | None = None
+) -> None:
     """Stream ``(batch, D)`` vector batches into a new cache at ``path``, replacing any cache there
-    only once the new one is complete.
+    only once the new one is complete. Vectors are stored in ``dtype`` (default: their own dtype).
 
     Raises
     ------
@@ -53,7 +55,7 @@ def save_vectors(batches: Iterable[tf.Tensor], path: str, fingerprint: dict) -> 
         store = ShardStore(temporary, fingerprint, WHAT)
         sizes = []
         for index, vectors in enumerate(batches):
-            array = np.asarray(vectors)
+            array = np.asarray(vectors if dtype is None else tf.cast(vectors, dtype))
             store.write(_shard_name(index), vectors=array)
             sizes.append(int(array.shape[0]))
         store.mark_complete(num_samples=sum(sizes), batch_sizes=sizes)

@@ -17,7 +17,7 @@ from ..model.influence_model import InfluenceModel
 def check_damping(damping: float) -> float:
     """Validate a damping coefficient λ ≥ 0."""
     damping = float(damping)
-    if not damping >= 0.0:
+    if not 0.0 <= damping < float("inf"):
         raise ValueError(f"damping must be a finite number ≥ 0, got {damping}.")
     return damping
 

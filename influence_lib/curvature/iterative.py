@@ -2,6 +2,7 @@
 ever applied to vectors, through :class:`HessianOperator`, never formed."""
 import tensorflow as tf
 
+from ..common.arguments import positive_int
 from ..model.influence_model import InfluenceModel
 from .base import InverseHessianVectorProduct
 from .hessian import HessianOperator
@@ -33,9 +34,7 @@ class IterativeIHVP(InverseHessianVectorProduct):
         show_progress: bool,
     ):
         super().__init__(model, train_dataset, damping)
-        if int(n_opt_iters) < 1:
-            raise ValueError(f"n_opt_iters must be ≥ 1, got {n_opt_iters}.")
-        self.n_opt_iters = int(n_opt_iters)
+        self.n_opt_iters = positive_int(n_opt_iters, "n_opt_iters")
         self.show_progress = show_progress
         self.hessian_operator = HessianOperator(model, train_dataset)
 

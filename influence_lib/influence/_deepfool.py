@@ -42,8 +42,8 @@ def check_deepfool_arguments(step_nbr: int, eps: float) -> None:
     """Raise a clear error for a non-positive number of steps or a negative tolerance."""
     if isinstance(step_nbr, bool) or not isinstance(step_nbr, int) or step_nbr < 1:
         raise ValueError(f"step_nbr must be a positive integer, got {step_nbr!r}.")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}.")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < np.inf:
+        raise ValueError(f"eps must be a finite non-negative number (e.g. 1e-6), got {eps!r}.")
 
 
 def _lp_norm(values: tf.Tensor, p: float) -> tf.Tensor:

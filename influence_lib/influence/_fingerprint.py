@@ -34,7 +34,8 @@ def _setting(value):
     return None
 
 
-def _describe_callable(function) -> str:
+def describe_callable(function) -> str:
+    """A stable description of a loss or batch function: its class/name and Keras config if any."""
     name = getattr(function, "__qualname__", None) or type(function).__qualname__
     config = getattr(function, "get_config", None)
     if callable(config):
@@ -61,8 +62,8 @@ class _Collector:
         if isinstance(value, InfluenceModel):
             self._seen.add(id(value))
             self.settings[f"{path}.watched_layers"] = [layer.name for layer in value.layers]
-            self.settings[f"{path}.loss"] = _describe_callable(value.loss_function)
-            self.settings[f"{path}.process_batch"] = _describe_callable(value.process_batch_for_loss_fn)
+            self.settings[f"{path}.loss"] = describe_callable(value.loss_function)
+            self.settings[f"{path}.process_batch"] = describe_callable(value.process_batch_for_loss_fn)
             self.visit(value.model, f"{path}.model")
         elif isinstance(value, keras.layers.Layer):
             self._seen.add(id(value))

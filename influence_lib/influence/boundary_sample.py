@@ -15,8 +15,33 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset
+from ..common.errors import NonFiniteError
 from ._deepfool import check_classifier_outputs, check_deepfool_arguments, deepfool
 from .base import SelfInfluenceCalculator
+
+
+def check_single_output(model: keras.Model, calculator: str) -> None:
+    """Refuse a model with several outputs: the boundary is that of one classifier head."""
+    outputs = getattr(model, "outputs", None)
+    if outputs and len(outputs) > 1:
+        raise ValueError(
+            f"{calculator} needs a classifier with a single output, but the model has {len(outputs)} outputs "
+            f"{[tuple(output.shape) for output in outputs]}. Explain one head at a time: "
+            "keras.Model(model.inputs, model.outputs[i])."
+        )
+
+
+def checked_distances(distances: tf.Tensor, start_outputs_finite: tf.Tensor) -> tf.Tensor:
+    """``distances``, raising :class:`NonFiniteError` for samples whose model outputs are NaN or infinite
+    (a distance of 0 would be reported for them otherwise)."""
+    if not bool(tf.reduce_all(start_outputs_finite)):
+        bad = tf.where(~start_outputs_finite)[:, 0].numpy().tolist()[:10]
+        raise NonFiniteError(
+            f"The model's outputs are NaN or infinite for the samples at positions {bad} of the batch, so their "
+            "distance to the decision boundary is undefined: check the model's weights (NaN after a diverged "
+            "training?) and those inputs."
+        )
+    return distances
 
 
 class SampleBoundaryCalculator(SelfInfluenceCalculator):
@@ -42,6 +67,7 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
         check_deepfool_arguments(step_nbr, eps)
+        check_single_output(model, "SampleBoundaryCalculator")
         symbolic_outputs = getattr(model, "outputs", None)
         if symbolic_outputs:
             check_classifier_outputs(symbolic_outputs[0], "The model")
@@ -56,20 +82,28 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
             raise TypeError(f"{name} must yield (inputs, targets) tuples whose inputs are a single tensor.")
 
     @compiled_function
-    def _boundary_distances(self, inputs: tf.Tensor) -> tf.Tensor:
+    def _boundary_distances(self, inputs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Distances ``(B,)`` and whether each sample's outputs at the start are finite ``(B,)``."""
         inputs = tf.cast(inputs, tf.float32)
         sample_shape = tf.shape(inputs)[1:]
         batch = tf.shape(inputs)[0]
 
         def outputs_of(points: tf.Tensor) -> tf.Tensor:
             restored = tf.reshape(points, tf.concat([[batch], sample_shape], axis=0))
-            outputs = tf.cast(self.model(restored, training=False), tf.float32)
+            outputs = self.model(restored, training=False)
+            if not isinstance(outputs, tf.Tensor):
+                raise ValueError(
+                    "SampleBoundaryCalculator needs a classifier returning one tensor of class scores, got "
+                    f"{type(outputs).__name__}: explain one head at a time."
+                )
+            outputs = tf.cast(outputs, tf.float32)
             check_classifier_outputs(outputs, "The model")
             return outputs
 
         start = tf.reshape(inputs, [batch, -1])
+        finite = tf.reduce_all(tf.math.is_finite(outputs_of(start)), axis=1)
         reached = deepfool(outputs_of, start, self.step_nbr, self.eps, dual_q=2.0)
-        return tf.norm(reached - start, axis=1)
+        return tf.norm(reached - start, axis=1), finite
 
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
-        return -self._boundary_distances(train_samples[0])
+        return -checked_distances(*self._boundary_distances(train_samples[0]))

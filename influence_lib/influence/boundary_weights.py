@@ -29,6 +29,7 @@ from ..common.datasets import Batch, check_dataset
 from ._deepfool import check_classifier_outputs, check_deepfool_arguments, deepfool, dual_exponent
 from ._dense_head import split_dense_head
 from .base import SelfInfluenceCalculator
+from .boundary_sample import check_single_output, checked_distances
 
 
 class WeightsBoundaryCalculator(SelfInfluenceCalculator):
@@ -58,6 +59,7 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
         show_progress: bool = True,
     ):
         check_deepfool_arguments(step_nbr, eps)
+        check_single_output(model, "WeightsBoundaryCalculator")
         self.dual_q = dual_exponent(norm_type)
         self.head = split_dense_head(model, -1)
         check_classifier_outputs(model.outputs[0], "The model's last layer")
@@ -71,7 +73,8 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
         check_dataset(dataset, name)
 
     @compiled_function
-    def _weight_distances(self, inputs) -> tf.Tensor:
+    def _weight_distances(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
+        """Distances ``(B,)`` and whether each sample's head outputs at the start are finite ``(B,)``."""
         features = tf.cast(self.head.features(inputs, training=False), tf.float32)
         kernel = tf.cast(self.head.kernel, tf.float32)
         in_dim, classes = kernel.shape
@@ -90,11 +93,12 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
             check_classifier_outputs(outputs, "The model's last layer")
             return outputs
 
+        finite = tf.reduce_all(tf.math.is_finite(outputs_of(start)), axis=1)
         reached = deepfool(outputs_of, start, self.step_nbr, self.eps, self.dual_q)
         change = reached - start
         if self.dual_q == 1.0:
-            return tf.reduce_max(tf.abs(change), axis=1)
-        return tf.reduce_sum(tf.abs(change) ** self.norm_type, axis=1) ** (1.0 / self.norm_type)
+            return tf.reduce_max(tf.abs(change), axis=1), finite
+        return tf.reduce_sum(tf.abs(change) ** self.norm_type, axis=1) ** (1.0 / self.norm_type), finite
 
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
-        return -self._weight_distances(train_samples[0])
+        return -checked_distances(*self._weight_distances(train_samples[0]))

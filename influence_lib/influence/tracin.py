@@ -27,7 +27,7 @@ from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
 from .base import BaseInfluenceCalculator
-from .tracin_checkpoint import TracInCheckpoint
+from .tracin_checkpoint import TracInCheckpoint, check_compatible_checkpoints, load_checkpoint
 
 
 def _learning_rates_for(learning_rates: float | Sequence[float], nb_models: int) -> list[float]:
@@ -88,6 +88,7 @@ class TracIn(BaseInfluenceCalculator):
         for model in models:
             if not isinstance(model, InfluenceModel):
                 raise TypeError(f"models must contain InfluenceModel objects, got {type(model).__name__}.")
+        check_compatible_checkpoints(models)
         self.models = list(models)
         self.learning_rates = _learning_rates_for(learning_rates, len(self.models))
         self.show_progress = show_progress
@@ -130,8 +131,7 @@ class TracIn(BaseInfluenceCalculator):
         rates = _learning_rates_for(learning_rates, len(paths))
         models = []
         for path in progress(paths, show_progress, "Loading checkpoints"):
-            clone = keras.models.clone_model(model)
-            clone.load_weights(path)
+            clone = load_checkpoint(model, path)
             models.append(InfluenceModel(clone, **influence_model_kwargs))
         return cls(models, rates, show_progress=show_progress, measurement=measurement)
 

@@ -1,7 +1,63 @@
-"""A Keras callback that saves what TracIn needs during ``model.fit``: weights and learning rates."""
+"""A Keras callback that saves what TracIn needs during ``model.fit``: weights and learning rates;
+loading and checking checkpoints for TracIn."""
 import os
+import time
+import uuid
+from collections.abc import Sequence
 
 import keras
+
+from ..model.influence_model import InfluenceModel
+from ._fingerprint import describe_callable
+
+
+def load_checkpoint(model: keras.Model, path: str) -> keras.Model:
+    """A clone of ``model`` (``keras.models.clone_model``) with the weights saved at ``path``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is corrupt, not a Keras weights file, or was saved from another architecture
+        (the message names the path and Keras's reason).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"The TracIn checkpoint {path!r} does not exist (or is not a file): pass the weight "
+                                "files saved during training (.weights.h5).")
+    clone = keras.models.clone_model(model)
+    try:
+        clone.load_weights(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"Cannot load the TracIn checkpoint {path!r} into the model: {reason}. The file is corrupt or "
+            "truncated, or was saved from another architecture; pass the weight files saved from this model "
+            "(.weights.h5)."
+        ) from error
+    return clone
+
+
+def check_compatible_checkpoints(models: Sequence[InfluenceModel]) -> None:
+    """Raise unless every checkpoint watches weights of the same shapes, in the same layers, with the same loss.
+
+    TracIn sums gradient dot products over checkpoints of ONE training run: checkpoints of other
+    architectures (other widths, other watched layers) or another loss would add unrelated terms.
+    """
+    reference = models[0]
+    for index, model in enumerate(models[1:], start=1):
+        if model.weight_shapes != reference.weight_shapes:
+            raise ValueError(
+                f"Checkpoint {index} watches weights of shapes {model.weight_shapes} but checkpoint 0 watches "
+                f"{reference.weight_shapes}: TracIn needs checkpoints of one training run (same architecture, "
+                "same watched layers, start_layer/last_layer)."
+            )
+        if describe_callable(model.loss_function) != describe_callable(reference.loss_function):
+            raise ValueError(
+                f"Checkpoint {index} uses the loss {describe_callable(model.loss_function)} but checkpoint 0 uses "
+                f"{describe_callable(reference.loss_function)}: give every checkpoint the same loss_function."
+            )
 
 
 class TracInCheckpoint(keras.callbacks.Callback):
@@ -14,10 +70,14 @@ class TracInCheckpoint(keras.callbacks.Callback):
     are saved: for a ``keras.optimizers.schedules.LearningRateSchedule`` it is the schedule evaluated
     at ``optimizer.iterations`` (the number of steps taken so far), i.e. the rate of the next step.
 
+    Each callback (one training run) writes into its own new subdirectory ``directory/run-<time>-<id>``,
+    so runs sharing ``directory`` never overwrite each other's files. Each file is written under a
+    temporary name and renamed into place when complete.
+
     Parameters
     ----------
     directory
-        Where the ``.weights.h5`` files are written (created if missing).
+        Where the runs' subdirectories of ``.weights.h5`` files are written (created if missing).
     every_n_epochs
         Save at the end of every ``every_n_epochs``-th epoch.
     every_n_steps
@@ -28,6 +88,13 @@ class TracInCheckpoint(keras.callbacks.Callback):
     ----------
     checkpoints
         ``(path, learning_rate)`` of every checkpoint saved, in training order.
+    run_directory
+        This run's own subdirectory of ``directory``.
+
+    Raises
+    ------
+    OSError
+        ``directory`` is a file or cannot be created (at construction, not after the first epoch).
     """
 
     def __init__(self, directory: str, every_n_epochs: int | None = 1, every_n_steps: int | None = None):
@@ -40,6 +107,20 @@ class TracInCheckpoint(keras.callbacks.Callback):
         if every_n_epochs is None and every_n_steps is None:
             raise ValueError("Give every_n_epochs or every_n_steps: with neither, no checkpoint would be saved.")
         self.directory = os.fspath(directory)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(
+                f"The TracInCheckpoint directory {self.directory!r} is a file: pass a directory path (created if missing)."
+            )
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as error:
+            raise OSError(
+                f"Cannot create the TracInCheckpoint directory {self.directory!r}: {error.strerror or error}. "
+                "Choose a writable location."
+            ) from error
+        self.run_directory = os.path.join(
+            self.directory, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        )
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.checkpoints: list[tuple[str, float]] = []
@@ -61,9 +142,17 @@ class TracInCheckpoint(keras.callbacks.Callback):
         return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
     def _save(self, label: str) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"checkpoint_{len(self.checkpoints):04d}_{label}.weights.h5")
-        self.model.save_weights(path, overwrite=True)
+        name = f"checkpoint_{len(self.checkpoints):04d}_{label}.weights.h5"
+        path = os.path.join(self.run_directory, name)
+        temporary = os.path.join(self.run_directory, f".tmp-{uuid.uuid4().hex}-{name}")
+        try:
+            os.makedirs(self.run_directory, exist_ok=True)
+            self.model.save_weights(temporary, overwrite=True)
+            os.replace(temporary, path)
+        except OSError as error:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise OSError(f"Cannot write the TracIn checkpoint {path!r}: {error.strerror or error}.") from error
         self.checkpoints.append((path, self._current_learning_rate()))
 
     def on_train_batch_end(self, batch, logs=None):
