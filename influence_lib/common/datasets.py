@@ -120,6 +120,16 @@ def batch_size_of(batch: Batch) -> int:
     return size_of(tf.nest.flatten(batch)[0])
 
 
+def targets_of(batch: Batch, method: str):
+    """The targets (second component) of a batch; a clear error for a dataset without labels."""
+    if len(batch) < 2:
+        raise ValueError(
+            f"{method} needs labels, but the dataset's batches hold inputs only. Pass a dataset of "
+            "(inputs, labels) batches, e.g. tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)."
+        )
+    return batch[1]
+
+
 def inputs_of(batch: Batch):
     """The inputs (first component) of a batch: what top-k results return as training samples."""
     return batch[0]

@@ -163,6 +163,8 @@ def atomic_directory(path: str) -> Iterator[str]:
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OSError(f"Cannot write to {path!r}: it is a file, not a directory. Choose a directory path.")
     try:
         os.makedirs(parent, exist_ok=True)
         recover_directory(path)

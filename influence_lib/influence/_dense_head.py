@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
+from ..common.graph_errors import assert_that, label_message
+
 
 @dataclass
 class DenseHead:
@@ -85,4 +87,9 @@ def label_classes(targets: tf.Tensor, nb_classes: int) -> tf.Tensor:
     targets = tf.convert_to_tensor(targets)
     if targets.shape.rank == 2 and targets.shape[1] == nb_classes and nb_classes > 1:
         return tf.argmax(targets, axis=1, output_type=tf.int32)
-    return tf.cast(tf.reshape(targets, [-1]), tf.int32)
+    labels = tf.cast(tf.reshape(targets, [-1]), tf.int32)
+    out_of_range = tf.logical_or(labels < 0, labels >= nb_classes)
+    first_bad = tf.gather(labels, tf.argmax(tf.cast(out_of_range, tf.int32), output_type=tf.int32))
+    prefix, suffix = label_message("LABEL", nb_classes).split("LABEL")
+    assert_that(tf.logical_not(tf.reduce_any(out_of_range)), prefix.strip(), first_bad, suffix.strip())
+    return labels

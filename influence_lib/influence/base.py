@@ -41,7 +41,7 @@ from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
-from ..common.storage import fingerprint_dataset
+from ..common.storage import atomic_directory, fingerprint_dataset
 from ..common.vector_cache import open_vectors, read_vectors, save_vectors
 from ._fingerprint import calculator_state
 
@@ -80,6 +80,18 @@ class _TemporaryCache:
         self.directory = tempfile.mkdtemp(prefix="influence_vectors_")
         self.path = os.path.join(self.directory, "vectors")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
+
+
+@contextmanager
+def _writing(path: str, what: str) -> Iterator[str]:
+    """A temporary directory swapped in at ``path`` once complete (:func:`atomic_directory`); TensorFlow's
+    file errors become an ``OSError`` naming ``path``."""
+    try:
+        with atomic_directory(path) as temporary:
+            yield temporary
+    except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError, tf.errors.NotFoundError,
+            tf.errors.ResourceExhaustedError, tf.errors.DataLossError) as error:
+        raise OSError(f"Cannot write the {what} at {path!r}: {error.message.splitlines()[0]}") from None
 
 
 def extract_only_values(dataset: tf.data.Dataset) -> tf.Tensor:
@@ -338,10 +350,10 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         if save_influence_value_path is None:
             return InfluenceBatches(computed)
         paths = []
-        for index, (batch, values) in enumerate(computed()):
-            path = os.path.join(save_influence_value_path, f"batch_{index:06d}")
-            tf.data.Dataset.save(values, path)
-            paths.append(path)
+        with _writing(save_influence_value_path, "influence values") as temporary:
+            for index, (batch, values) in enumerate(computed()):
+                tf.data.Dataset.save(values, os.path.join(temporary, f"batch_{index:06d}"))
+                paths.append(os.path.join(save_influence_value_path, f"batch_{index:06d}"))
         return InfluenceBatches(
             lambda: ((batch, tf.data.Dataset.load(path)) for batch, path in zip(
                 iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"), paths))
@@ -402,7 +414,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         top_k_dataset = GeneratorDataset(generate, signature)
         if save_top_k_ds_path is None:
             return top_k_dataset
-        tf.data.Dataset.save(top_k_dataset, save_top_k_ds_path)
+        with _writing(save_top_k_ds_path, "top-k results") as temporary:
+            tf.data.Dataset.save(top_k_dataset, temporary)
         return tf.data.Dataset.load(save_top_k_ds_path)
 
 

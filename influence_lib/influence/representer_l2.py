@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.compiled import compiled_function
-from ..common.datasets import Batch, check_dataset, iterate_batches
+from ..common.datasets import Batch, check_dataset, iterate_batches, targets_of
 from ..common.progress import progress
 from ..model.influence_model import _check_unreduced
 from ._dense_head import DenseHead, label_classes, split_dense_head
@@ -274,7 +274,7 @@ class RepresenterPointL2(BaseInfluenceCalculator):
 
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
         """``α̃_i[y_i] ‖f_i‖²`` with ``α̃`` taken against the training labels."""
-        labels = label_classes(train_samples[1], self.nb_classes)
+        labels = label_classes(targets_of(train_samples, "The self-influence of RepresenterPointL2"), self.nb_classes)
         features, alpha = self._label_alpha(train_samples[0], labels)
         return tf.gather(alpha, labels, axis=1, batch_dims=1) * tf.reduce_sum(features * features, axis=1)
 
