@@ -198,7 +198,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         """Influence of each training vector on each preprocessed sample, shape ``(test, train)``."""
         return tf.matmul(preproc_test_sample, influence_vector, transpose_b=True)
 
-    _fingerprint_ignored: tuple[str, ...] = ("show_progress",)
+    _fingerprint_ignored: tuple[str, ...] = ("show_progress", "strategy", "device")
 
     def _cache_fingerprint(self) -> dict:
         """Explicit settings that must match for a disk cache of influence vectors to be reused.

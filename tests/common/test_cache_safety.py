@@ -151,6 +151,10 @@ def test_tracin_and_arnoldi_fingerprints(problem, tmp_path):
     other_model = il.InfluenceModel(_other_weights(problem["model"], 0.2))
     path = str(tmp_path / "tracin")
     _save(il.TracIn([influence_model, other_model], [0.1, 0.2], show_progress=False), problem["train"], path)
+    fresh = il.TracIn([il.InfluenceModel(problem["model"]), other_model], [0.1, 0.2], show_progress=False)
+    from_cache = _load(fresh, problem, path)
+    recomputed = _pairwise(fresh.estimate_influence_values_in_batches(problem["test"], problem["train"]))
+    np.testing.assert_allclose(from_cache, recomputed, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="learning_rates"):
         list(il.TracIn([influence_model, other_model], [0.1, 0.3], show_progress=False).top_k(
             problem["test"], problem["train"], k=1, load_influence_vector_ds_path=path))
