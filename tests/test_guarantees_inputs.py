@@ -216,3 +216,20 @@ def test_infinite_dataset_is_refused_by_every_constructor_and_method(setup):
         list(calculators[0].top_k(infinite, train, k=1))
     with pytest.raises(ValueError, match=message):
         list(calculators[0].top_k(train, infinite, k=1))
+
+
+@pytest.mark.parametrize("cache", [il.CACHE.MEMORY, il.CACHE.DISK])
+def test_a_generator_that_reshuffles_is_caught_when_cached_vectors_are_replayed(setup, cache):
+    model, _, x, y = setup
+    rng = np.random.default_rng(0)
+
+    def reshuffled():
+        for index in rng.permutation(len(x)):
+            yield x[index], y[index]
+
+    spec = (tf.TensorSpec((4,), tf.float32), tf.TensorSpec((3,), tf.float32))
+    train = tf.data.Dataset.from_generator(reshuffled, output_signature=spec).batch(8)
+    test = tf.data.Dataset.from_tensor_slices((x[:4], y[:4])).batch(2)
+    calculator = il.TracIn([il.InfluenceModel(model)], 0.1, show_progress=False)
+    with pytest.raises(ValueError, match="(other samples or another order|different setup: data).*reshuffle"):
+        list(calculator.top_k(test, train, k=2, influence_vector_in_cache=cache))

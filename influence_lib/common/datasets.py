@@ -5,7 +5,7 @@ import tensorflow as tf
 
 Batch = tuple[tf.Tensor, ...]
 
-_RESHUFFLE_FIX = (
+RESHUFFLE_FIX = (
     "Training-set indices are positions in the iteration order, so the order must be the same on every pass: "
     "shuffle once with a fixed seed and reshuffle_each_iteration=False "
     "(dataset.shuffle(buffer, seed=0, reshuffle_each_iteration=False)), or do not shuffle."
@@ -95,7 +95,7 @@ def check_fixed_order(dataset: tf.data.Dataset, name: str = "train_set") -> None
     """
     problem = _order_problem(dataset)
     if problem is not None:
-        raise ValueError(f"{name} does not iterate in a fixed order: {problem}. {_RESHUFFLE_FIX}")
+        raise ValueError(f"{name} does not iterate in a fixed order: {problem}. {RESHUFFLE_FIX}")
 
 
 def iterate_batches(dataset: tf.data.Dataset, name: str = "dataset") -> Iterator[Batch]:

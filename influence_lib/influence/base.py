@@ -31,6 +31,7 @@ from ..common.datasets import (
     Batch,
     batch_size_of,
     check_dataset,
+    RESHUFFLE_FIX as _RESHUFFLE_FIX,
     check_fixed_order,
     inputs_of,
     iterate_batches,
@@ -41,7 +42,7 @@ from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
-from ..common.storage import atomic_directory, fingerprint_dataset
+from ..common.storage import atomic_directory, fingerprint_dataset, fingerprint_variables
 from ..common.vector_cache import open_vectors, read_vectors, save_vectors
 from ._fingerprint import calculator_state
 
@@ -288,13 +289,17 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             self._save_influence_vectors(train_set, load_path)
         if load_path is not None:
             store = open_vectors(load_path, self._disk_fingerprint(train_set))
+            first = _batch_digest(next(iterate_batches(train_set, "train_set")))
             if cache == CACHE.MEMORY:
                 vectors = list(read_vectors(store))
-                return lambda: _pair_with_batches(train_set, vectors)
-            return lambda: _pair_with_batches(train_set, read_vectors(store), temporary)
+                return lambda: _pair_with_batches(train_set, vectors, first)
+            return lambda: _pair_with_batches(train_set, read_vectors(store), first, temporary)
         if cache == CACHE.MEMORY:
-            vectors = [vectors for _, vectors in self._influence_vector_batches(train_set)]
-            return lambda: _pair_with_batches(train_set, vectors)
+            vectors, first = [], None
+            for batch, batch_vectors in self._influence_vector_batches(train_set):
+                first = _batch_digest(batch) if first is None else first
+                vectors.append(batch_vectors)
+            return lambda: _pair_with_batches(train_set, vectors, first)
         return lambda: self._influence_vector_batches(train_set)
 
     def estimate_influence_values_in_batches(
@@ -419,14 +424,26 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         return tf.data.Dataset.load(save_top_k_ds_path)
 
 
+def _batch_digest(batch: Batch) -> str:
+    return fingerprint_variables(tf.nest.flatten(batch))
+
+
 def _pair_with_batches(
-    train_set: tf.data.Dataset, vector_batches, keep_alive: _TemporaryCache | None = None
+    train_set: tf.data.Dataset, vector_batches, first_digest: str, keep_alive: _TemporaryCache | None = None
 ) -> Iterator[tuple[Batch, tf.Tensor]]:
     """Zip training batches with their stored influence vectors; raise if the two disagree.
 
-    ``keep_alive`` is the temporary cache the vectors are read from, held until the pass ends.
+    ``first_digest`` is the hash of the first training batch when the vectors were made: a pass whose
+    first batch differs (a pipeline that reshuffles or augments at random, hidden in a generator) is
+    refused. ``keep_alive`` is the temporary cache the vectors are read from, held until the pass ends.
     """
-    for batch, vectors in zip_longest(iterate_batches(train_set, "train_set"), vector_batches):
+    pairs = zip_longest(iterate_batches(train_set, "train_set"), vector_batches)
+    for index, (batch, vectors) in enumerate(pairs):
+        if index == 0 and batch is not None and _batch_digest(batch) != first_digest:
+            raise ValueError(
+                "train_set yields other samples or another order than when its influence vectors were computed "
+                "(a pipeline that reshuffles or augments at random on each pass). " + _RESHUFFLE_FIX
+            )
         if batch is None or vectors is None or batch_size_of(batch) != size_of(vectors):
             raise ValueError(
                 "The training set does not match its cached influence vectors (different size or batching, "
