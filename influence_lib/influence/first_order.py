@@ -17,6 +17,7 @@ Koh & Liang, "Understanding Black-box Predictions via Influence Functions", ICML
 """
 import tensorflow as tf
 
+from ..common.arguments import positive_int
 from ..common.datasets import Batch, batch_size_of, iterate_batches
 from ..curvature.base import InverseHessianVectorProduct
 from ..curvature.factory import IHVPCalculator, InverseHessianVectorProductFactory, make_ihvp
@@ -34,6 +35,7 @@ def hessian_subset(
         return dataset
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples_for_hessian must be a positive integer or None, got {n_samples!r}.")
+    positive_int(shuffle_buffer_size, "shuffle_buffer_size")
     batch_size = batch_size_of(next(iterate_batches(dataset)))
     return (
         dataset.unbatch()

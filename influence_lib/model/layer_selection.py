@@ -24,6 +24,11 @@ def last_layer_with_weights(model: keras.Model) -> int:
     for index in range(len(model.layers) - 1, -1, -1):
         if model.layers[index].trainable_weights:
             return index
+    if model.weights:
+        raise ValueError(
+            "Every weight of the model is frozen (trainable=False), so there is no weight to watch. Make the layers "
+            "to explain trainable (e.g. model.layers[-1].trainable = True) before wrapping the model."
+        )
     raise ValueError(
         "The model has no layer with trainable weights. Build the model (call it once on a batch "
         "or give it an Input) before wrapping it."

@@ -227,3 +227,24 @@ def test_other_counts_refuse_floats(softmax, build):
 def test_infinite_or_negative_damping_is_named_as_the_problem(softmax, solver, damping):
     with pytest.raises(ValueError, match=r"damping must be a finite number ≥ 0"):
         solver(*softmax, damping=damping)
+
+
+def test_shuffle_buffer_size_must_be_an_integer(softmax):
+    with pytest.raises(ValueError, match="shuffle_buffer_size must be a positive integer"):
+        il.FirstOrderInfluenceCalculator(*softmax, n_samples_for_hessian=8, shuffle_buffer_size=100.5,
+                                         show_progress=False)
+
+
+@pytest.mark.parametrize("frozen", ["whole model", "every layer"])
+def test_a_fully_frozen_model_is_told_to_unfreeze_not_to_build(frozen):
+    model = _mlp()
+    if frozen == "whole model":
+        model.trainable = False
+    else:
+        for layer in model.layers:
+            layer.trainable = False
+    with pytest.raises(ValueError, match=r"frozen \(trainable=False\).*trainable = True"):
+        il.InfluenceModel(model)
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="Build the model"):
+        il.InfluenceModel(unbuilt)
