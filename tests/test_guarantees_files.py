@@ -137,3 +137,29 @@ def test_result_path_below_a_file_is_an_os_error_naming_it(setup, tmp_path):
         setup["calculator"].top_k(setup["train"], setup["train"], k=1, save_top_k_ds_path=target)
     with pytest.raises(OSError, match="Cannot write"):
         list(setup["calculator"].compute_influence_vector(setup["train"], save_influence_vector_ds_path=target))
+
+
+def _snapshot_file(directory):
+    import glob
+
+    return [f for f in glob.glob(os.path.join(directory, "**", "*.snapshot"), recursive=True)][0]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_saved_results_are_a_clear_error_naming_the_path(setup, tmp_path, damage):
+    calculator, train = setup["calculator"], setup["train"]
+    top_path, values_path = str(tmp_path / "top"), str(tmp_path / "values")
+    top = calculator.top_k(train, train, k=2, save_top_k_ds_path=top_path)
+    batches = calculator.estimate_influence_values_in_batches(train, train, save_influence_value_path=values_path)
+    for directory in (top_path, os.path.join(values_path, "batch_000001")):
+        target = _snapshot_file(directory)
+        raw = bytearray(open(target, "rb").read())
+        if damage == "flip":
+            raw[len(raw) // 2] ^= 0x10
+        else:
+            raw = raw[: len(raw) // 3]
+        open(target, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match=f"saved top-k results at '{top_path}' are incomplete or corrupt"):
+        list(top)
+    with pytest.raises(ValueError, match="saved influence values at .*batch_000001' are incomplete or corrupt"):
+        _matrix(batches)

@@ -359,8 +359,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             for index, (batch, values) in enumerate(computed()):
                 tf.data.Dataset.save(values, os.path.join(temporary, f"batch_{index:06d}"))
                 paths.append(os.path.join(save_influence_value_path, f"batch_{index:06d}"))
+        count = _batch_count(train_set)
         return InfluenceBatches(
-            lambda: ((batch, tf.data.Dataset.load(path)) for batch, path in zip(
+            lambda: ((batch, _load_saved(path, count, "saved influence values")) for batch, path in zip(
                 iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"), paths))
         )
 
@@ -421,7 +422,36 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             return top_k_dataset
         with _writing(save_top_k_ds_path, "top-k results") as temporary:
             tf.data.Dataset.save(top_k_dataset, temporary)
-        return tf.data.Dataset.load(save_top_k_ds_path)
+        return _load_saved(save_top_k_ds_path, _batch_count(dataset_to_evaluate), "saved top-k results")
+
+
+def _batch_count(dataset: tf.data.Dataset) -> int:
+    """Number of batches of ``dataset`` (known, or counted by reading the data once)."""
+    known = known_cardinality(dataset)
+    return known if known is not None else sum(1 for _ in iterate_batches(dataset))
+
+
+def _load_saved(path: str, count: int, what: str) -> tf.data.Dataset:
+    """The ``tf.data`` snapshot saved at ``path``, read back lazily; a damaged or truncated one (which
+    ``tf.data`` reports as ``DataLossError`` or silently reads short) is a ``ValueError`` naming ``path``."""
+    loaded = tf.data.Dataset.load(path)
+
+    def corrupt(detail: str) -> ValueError:
+        return ValueError(f"The {what} at {path!r} are incomplete or corrupt ({detail}); delete them or recompute.")
+
+    def generate():
+        read = 0
+        try:
+            for element in loaded:
+                read += 1
+                yield element
+        except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.FailedPreconditionError,
+                tf.errors.InvalidArgumentError) as error:
+            raise corrupt(error.message.splitlines()[0].strip()) from None
+        if read != count:
+            raise corrupt(f"{read} elements where {count} were saved")
+
+    return GeneratorDataset(generate, loaded.element_spec)
 
 
 def _batch_digest(batch: Batch) -> str:
