@@ -163,3 +163,25 @@ def test_damaged_saved_results_are_a_clear_error_naming_the_path(setup, tmp_path
         list(top)
     with pytest.raises(ValueError, match="saved influence values at .*batch_000001' are incomplete or corrupt"):
         _matrix(batches)
+
+
+@pytest.mark.parametrize("keyword", ["save_influence_value_path", "save_top_k_ds_path", "save_influence_vector_path"])
+def test_a_directory_of_other_files_is_never_replaced(setup, tmp_path, keyword):
+    calculator, train = setup["calculator"], setup["train"]
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match=f"'{other}' exists and (holds files that are not|is not an)"):
+        if keyword == "save_top_k_ds_path":
+            calculator.top_k(train, train, k=1, save_top_k_ds_path=str(other))
+        else:
+            calculator.estimate_influence_values_in_batches(train, train, **{keyword: str(other)})
+    assert (other / "thesis.tex").read_text() == "precious" and os.listdir(other) == ["thesis.tex"]
+
+
+def test_an_old_format_cache_is_reported_as_such(setup, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "influence_lib_cache.json").write_text("{}")
+    with pytest.raises(ValueError, match="older version of influence_lib.*recompute"):
+        list(setup["calculator"].top_k(setup["train"], setup["train"], k=1, load_influence_vector_ds_path=str(old)))

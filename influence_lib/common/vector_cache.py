@@ -27,6 +27,7 @@ from .storage import ShardStore, atomic_directory, read_json, recover_directory
 
 WHAT = "influence-vector cache"
 _MANIFEST = "manifest.json"
+_OLD_METADATA = "influence_lib_cache.json"
 _HINTS = {
     "weights": "the model's weights changed",
     "state": "the fitted state (curvature, eigenvectors, ...) differs",
@@ -51,6 +52,11 @@ def save_vectors(
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise OSError(f"The {WHAT} path {path!r} is a file, not a directory: pass a directory path.")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, _MANIFEST)):
+        raise ValueError(
+            f"{path!r} exists and is not an {WHAT} (it holds other files, which saving would delete): choose a "
+            "new or empty directory."
+        )
     with atomic_directory(path) as temporary:
         store = ShardStore(temporary, fingerprint, WHAT)
         sizes = []
@@ -83,6 +89,11 @@ def open_vectors(path: str, fingerprint: dict) -> ShardStore:
     """
     recover_directory(path)
     manifest = os.path.join(path, _MANIFEST)
+    if os.path.exists(os.path.join(path, _OLD_METADATA)):
+        raise ValueError(
+            f"The {WHAT} at {path!r} was written by an older version of influence_lib (no checksums nor full "
+            "fingerprint); delete it and recompute it."
+        )
     if not os.path.isdir(path) or not os.path.exists(manifest):
         raise FileNotFoundError(
             f"No {WHAT} at {path!r}. Compute it first (save_influence_vector_path=...) or drop the load path."
