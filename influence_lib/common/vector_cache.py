@@ -15,13 +15,15 @@ Guarantees:
 * A missing, incomplete or corrupt cache (truncated or altered shard, broken manifest) is an
   ``OSError``/``ValueError`` naming the path and saying to delete it or recompute, never a raw
   decoding error.
+
+The module needs NumPy only (no TensorFlow), like :mod:`~influence_lib.common.storage`: vectors
+come in as anything ``np.asarray`` accepts (eager tensors included) and are read back as arrays.
 """
 import json
 import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import tensorflow as tf
 
 from .storage import ShardStore, atomic_directory, read_json, recover_directory
 
@@ -39,11 +41,10 @@ def _shard_name(index: int) -> str:
     return f"batch_{index:06d}"
 
 
-def save_vectors(
-    batches: Iterable[tf.Tensor], path: str, fingerprint: dict, dtype: tf.DType | None = None
-) -> None:
+def save_vectors(batches: Iterable, path: str, fingerprint: dict, dtype=None) -> None:
     """Stream ``(batch, D)`` vector batches into a new cache at ``path``, replacing any cache there
-    only once the new one is complete. Vectors are stored in ``dtype`` (default: their own dtype).
+    only once the new one is complete. Vectors are stored in ``dtype`` (a NumPy or TensorFlow
+    dtype; default: their own dtype).
 
     Raises
     ------
@@ -61,7 +62,9 @@ def save_vectors(
         store = ShardStore(temporary, fingerprint, WHAT)
         sizes = []
         for index, vectors in enumerate(batches):
-            array = np.asarray(vectors if dtype is None else tf.cast(vectors, dtype))
+            array = np.asarray(vectors)
+            if dtype is not None:
+                array = array.astype(getattr(dtype, "as_numpy_dtype", dtype))
             store.write(_shard_name(index), vectors=array)
             sizes.append(int(array.shape[0]))
         store.mark_complete(num_samples=sum(sizes), batch_sizes=sizes)
@@ -119,7 +122,7 @@ def _normalized(fingerprint: dict) -> dict:
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
-def read_vectors(store: ShardStore) -> Iterator[tf.Tensor]:
+def read_vectors(store: ShardStore) -> Iterator[np.ndarray]:
     """Yield the vector batches of an opened cache in order, each checked against its checksum."""
     for index in range(len(store.completion()["batch_sizes"])):
         try:
@@ -134,4 +137,4 @@ def read_vectors(store: ShardStore) -> Iterator[tf.Tensor]:
                 f"The {WHAT} at {store.path!r} is corrupt (shard {_shard_name(index)!r} holds no vectors); "
                 "delete it or recompute."
             )
-        yield tf.constant(contents["vectors"])
+        yield contents["vectors"]

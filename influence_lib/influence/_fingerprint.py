@@ -61,7 +61,9 @@ class _Collector:
             return
         if isinstance(value, InfluenceModel):
             self._seen.add(id(value))
-            self.settings[f"{path}.watched_layers"] = [layer.name for layer in value.layers]
+            watched = getattr(value, "watched_layers", value.layers)
+            self.settings[f"{path}.watched_layers"] = [layer.name for layer in watched]
+            self.settings[f"{path}.watched_shapes"] = [list(shape) for shape in value.weight_shapes]
             self.settings[f"{path}.loss"] = describe_callable(value.loss_function)
             self.settings[f"{path}.process_batch"] = describe_callable(value.process_batch_for_loss_fn)
             self.visit(value.model, f"{path}.model")

@@ -298,9 +298,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             store = open_vectors(load_path, self._disk_fingerprint(train_set))
             first = _batch_digest(next(iterate_batches(train_set, "train_set")))
             if cache == CACHE.MEMORY:
-                vectors = list(read_vectors(store))
+                vectors = [tf.constant(array) for array in read_vectors(store)]
                 return lambda: _pair_with_batches(train_set, vectors, first)
-            return lambda: _pair_with_batches(train_set, read_vectors(store), first, temporary)
+            return lambda: _pair_with_batches(train_set, map(tf.constant, read_vectors(store)), first, temporary)
         if cache == CACHE.MEMORY:
             vectors, first = [], None
             for batch, batch_vectors in self._influence_vector_batches(train_set):

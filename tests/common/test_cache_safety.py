@@ -260,12 +260,22 @@ def test_unwritable_location_is_an_os_error_naming_the_path(problem, saved, tmp_
 
 # --- crash safety --------------------------------------------------------------------------------------------
 
-def _write_then_die(path: str, kill_at: str) -> None:
-    """Runs in a forked child: rewrite the cache at ``path``, SIGKILL-ing itself at ``kill_at``."""
+_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys, types
+
+    # Load the storage modules without the package's __init__ (and so without TensorFlow).
+    for name, folder in (("influence_lib", ""), ("influence_lib.common", "common")):
+        package = types.ModuleType(name)
+        package.__path__ = [os.path.join(sys.argv[3], folder)]
+        sys.modules[name] = package
+    import numpy as np
     from influence_lib.common import storage, vector_cache
 
+    path, kill_at = sys.argv[1], sys.argv[2]
     renames = [0]
     real_rename = os.rename
+    real_mark = storage.ShardStore.mark_complete
 
     def rename(source, target):
         real_rename(source, target)
@@ -284,34 +294,34 @@ def _write_then_die(path: str, kill_at: str) -> None:
             yield np.full((5, 3), 2.0 + index, np.float32)
 
     storage.os.rename = rename
-    real_mark = storage.ShardStore.mark_complete
     if kill_at == "complete":
         storage.ShardStore.mark_complete = mark_then_die
     vector_cache.save_vectors(batches(), path, {"version": "new"})
+    """
+)
 
 
 def _vectors(path, version):
-    return np.concatenate([v.numpy() for v in read_vectors(open_vectors(path, {"version": version}))])
+    return np.concatenate(list(read_vectors(open_vectors(path, {"version": version}))))
 
 
 def test_a_writer_killed_at_any_point_leaves_the_old_or_the_new_cache_never_a_mix(tmp_path):
     old = [np.full((5, 3), 1.0 + index, np.float32) for index in range(3)]
     new = np.concatenate([np.full((5, 3), 2.0 + index, np.float32) for index in range(4)])
     expected = {"batch0": "old", "batch2": "old", "complete": "old", "rename1": "old", "rename2": "new", "none": "new"}
-    for point, outcome in expected.items():
-        path = str(tmp_path / point / "cache")
+    package = os.path.dirname(os.path.abspath(il.__file__))
+    paths = {point: str(tmp_path / point / "cache") for point in expected}
+    for path in paths.values():
         save_vectors(iter(old), path, {"version": "old"})
-        child = os.fork()
-        if child == 0:  # the writer process: never returns into pytest
-            try:
-                _write_then_die(path, point)
-            finally:
-                os._exit(0)
-        _, status = os.waitpid(child, 0)
-        if point == "none":
-            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        else:
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, point
+    writers = {  # independent writer processes, run in parallel
+        point: subprocess.Popen([sys.executable, "-c", _WRITER, path, point, package],
+                                stderr=subprocess.PIPE)
+        for point, path in paths.items()
+    }
+    for point, outcome in expected.items():
+        path = paths[point]
+        _, stderr = writers[point].communicate(timeout=120)
+        assert writers[point].returncode == (0 if point == "none" else -signal.SIGKILL), (point, stderr.decode()[-2000:])
         if outcome == "old":
             np.testing.assert_array_equal(_vectors(path, "old"), np.concatenate(old))
             with pytest.raises(ValueError, match="different setup: version"):
