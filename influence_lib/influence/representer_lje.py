@@ -138,6 +138,10 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         features = self.head.features(inputs, training=False)
         return (features, targets) if sample_weight is None else (features, targets, sample_weight)
 
+    @property
+    def value_dtype(self) -> tf.DType:
+        return self.influence_model.dtype
+
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         self.influence_model.check_dataset(dataset, name)
 
