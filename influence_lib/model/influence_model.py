@@ -467,10 +467,11 @@ class InfluenceModel:
     @compiled_method
     def batch_gradient_tensor(self, batch: Batch) -> tf.Tensor:
         """Gradient of the summed loss of one batch w.r.t. the watched weights, shape ``(nb_params,)``."""
-        return self._summed_gradient(batch)
+        return self.summed_gradient(batch)
 
-    def _summed_gradient(self, batch: Batch) -> tf.Tensor:
-        """Flat gradient of ``Σ_i ℓ_i``; differentiable again when called under an outer tape."""
+    def summed_gradient(self, batch: Batch) -> tf.Tensor:
+        """Flat gradient of ``Σ_i ℓ_i`` over one batch, shape ``(nb_params,)``, run in the caller's context
+        (not compiled) so that an outer ``GradientTape`` or ``ForwardAccumulator`` differentiates it again."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.tf_variables)
             loss = tf.reduce_sum(self._per_sample_loss(batch))
@@ -486,7 +487,7 @@ class InfluenceModel:
         """
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(self.tf_variables)
-            gradient = self._summed_gradient(batch)
+            gradient = self.summed_gradient(batch)
             projections = tf.linalg.matvec(tf.cast(vectors, gradient.dtype), gradient)
         hvps = outer.jacobian(
             projections, self.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
@@ -502,7 +503,7 @@ class InfluenceModel:
         """
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(self.tf_variables)
-            gradient = self._summed_gradient(batch)
+            gradient = self.summed_gradient(batch)
         hessian = outer.jacobian(
             gradient, self.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
         )
@@ -522,3 +523,41 @@ class InfluenceModel:
         """Gradient of the summed loss of each batch, shape ``(nb_batches, nb_params)``."""
         self.check_dataset(dataset)
         return tf.stack([self.batch_gradient_tensor(batch) for batch in iterate_batches(dataset)])
+
+
+class BaseInfluenceModel(InfluenceModel):
+    """Influenciae's ``BaseInfluenceModel``: an :class:`InfluenceModel` watching an explicit list of weights.
+
+    Parameters
+    ----------
+    model
+        A built Keras model.
+    weights_to_watch
+        The weights to watch: variables of the model's layers, flat or as a list of lists (e.g.
+        ``[layer.weights for layer in model.layers[-2:]]``). ``None`` watches every trainable weight.
+    loss_function, process_batch_for_loss_fn, per_sample_gradients
+        As for :class:`InfluenceModel`.
+    weights_processed
+        Accepted for compatibility with Influenciae and ignored: flat and nested lists are both understood.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        weights_to_watch: Sequence | None = None,
+        loss_function: Callable | None = None,
+        process_batch_for_loss_fn: ProcessBatch = default_process_batch,
+        weights_processed: bool = False,
+        per_sample_gradients: str = "auto",
+    ):
+        if weights_to_watch is None:
+            if not isinstance(model, keras.Model):
+                raise TypeError(f"model must be a Keras 3 keras.Model, got {type(model).__name__}.")
+            weights_to_watch = model.trainable_weights
+        super().__init__(
+            model,
+            loss_function=loss_function,
+            process_batch_for_loss_fn=process_batch_for_loss_fn,
+            per_sample_gradients=per_sample_gradients,
+            weights_to_watch=weights_to_watch,
+        )
