@@ -36,6 +36,7 @@ from .influence.representer_lje import RepresenterPointLJE
 from .influence.second_order import SecondOrderInfluenceCalculator
 from .influence.tracin import TracIn
 from .influence.tracin_checkpoint import TracInCheckpoint
+from . import utils
 from .model import BaseInfluenceModel, InfluenceModel, default_process_batch
 
 __version__ = "0.1.0"

@@ -52,9 +52,14 @@ class BatchSort:
         """Merge a batch: keys ``(queries, n, *batch_shape)``, values ``(queries, n)``."""
         batch_key = tf.cast(batch_key, self.best_batch.dtype)
         batch_values = tf.cast(batch_values, self.dtype)
-        if batch_values.shape.rank != 2 or batch_key.shape[:2] != batch_values.shape:
+        if (
+            batch_values.shape.rank != 2
+            or batch_key.shape[:2] != batch_values.shape
+            or batch_key.shape[2:] != self._key_shape[2:]
+        ):
             raise ValueError(
-                f"add_all expects keys (queries, n, ...) and values (queries, n); got keys {batch_key.shape} "
+                f"add_all expects keys (queries, n, *{self._key_shape[2:]}) and values (queries, n); got keys "
+                f"{batch_key.shape} "
                 f"and values {batch_values.shape}."
             )
         values = tf.concat([self.best_values, batch_values], axis=1)

@@ -3,7 +3,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..common.datasets import check_dataset, iterate_batches
+from ..common.datasets import check_dataset
 from ..model.layer_selection import _layer_index
 
 
@@ -46,7 +46,9 @@ def dataset_to_tensor(dataset: tf.data.Dataset):
     The whole dataset is held in memory.
     """
     check_dataset(dataset, "dataset")
-    batches = list(iterate_batches(dataset))
+    if is_dataset_batched(dataset) is False:
+        raise ValueError("dataset looks unbatched (no .batch() in its pipeline): call dataset.batch(batch_size) first.")
+    batches = list(dataset)
     return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
 
 
