@@ -3,6 +3,7 @@ itself: top-k search (:class:`LinearNearestNeighbors`, :class:`BatchSort`), line
 (:func:`conjugate_gradients_solve`), the Armijo line search of RPS-L2
 (:class:`BacktrackingLineSearch`) and Keras / ``tf.data`` helpers."""
 from ..common.enums import ORDER
+from ..model.influence_model import default_process_batch
 from .batch_sort import BatchSort
 from .conjugate_gradients import conjugate_gradients_solve
 from .line_search import BacktrackingLineSearch, LineSearchStep
@@ -19,6 +20,7 @@ __all__ = [
     "array_to_dataset",
     "conjugate_gradients_solve",
     "dataset_to_tensor",
+    "default_process_batch",
     "find_layer",
     "is_dataset_batched",
     "split_model",
