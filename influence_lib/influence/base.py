@@ -84,7 +84,7 @@ def extract_only_values(dataset: tf.data.Dataset) -> tf.Tensor:
 
 
 class InfluenceBatches:
-    """Re-iterable stream of ``(batch_to_evaluate, dataset of (training inputs, values))`` pairs.
+    """Re-iterable stream of ``(batch_to_evaluate, dataset of (training batch, values))`` pairs.
 
     Each values tensor has shape ``(batch_to_evaluate, training_batch)``. Iterating computes lazily,
     one batch to evaluate at a time.

@@ -94,7 +94,8 @@ def _weights_by_layer(model: keras.Model, weights_to_watch: Sequence) -> tuple[l
         wanted.setdefault(_as_tf_variable(weight).ref(), weight)
     layers, per_layer, found = [], [], set()
     for layer in model.layers:
-        owned = [w for w in layer.weights if _as_tf_variable(w).ref() in wanted and _as_tf_variable(w).ref() not in found]
+        refs = [_as_tf_variable(w).ref() for w in layer.weights]
+        owned = [w for w, ref in zip(layer.weights, refs) if ref in wanted and ref not in found]
         if owned:
             found.update(_as_tf_variable(w).ref() for w in owned)
             layers.append(layer)
@@ -490,7 +491,10 @@ class InfluenceModel:
             gradient = self.summed_gradient(batch)
             projections = tf.linalg.matvec(tf.cast(vectors, gradient.dtype), gradient)
         hvps = outer.jacobian(
-            projections, self.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
+            projections,
+            self.tf_variables,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            experimental_use_pfor=True,
         )
         return self.flatten([tf.cast(hvp, self.dtype) for hvp in hvps], batch_dims=1)
 

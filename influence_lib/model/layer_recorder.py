@@ -4,8 +4,8 @@ The ``call`` of each watched layer *instance* is replaced, for the duration of a
 block, by a function computing the same output from the layer's own parameters through the
 matching :class:`~influence_lib.model.layer_rules.LayerRule`; the pre-activation output is cast
 to the computation dtype (float64 for a float64 model, float32 otherwise) and watched by the
-tape, so one backward pass of the summed loss yields every output gradient ``δ``. The instances are restored when the block exits, even on error, and the
-user's model is never left modified. A lock serializes recordings across threads; a recording
+tape, so one backward pass of the summed loss yields every output gradient ``δ``. The instances
+are restored when the block exits, even on error, and the user's model is never left modified. A lock serializes recordings across threads; a recording
 nested in another one (same thread) takes precedence over it, and the outer one then reports
 its layers as not called.
 

@@ -76,7 +76,10 @@ class LinearNearestNeighbors(BaseNearestNeighbors):
         check_top_k_arguments(k, order)
         if not callable(dot_product_fun):
             raise TypeError(f"dot_product_fun must be callable, got {type(dot_product_fun).__name__}.")
-        self._pairs = dataset if callable(dataset) and not isinstance(dataset, tf.data.Dataset) else lambda: iter(dataset)
+        if callable(dataset) and not isinstance(dataset, tf.data.Dataset):
+            self._pairs = dataset
+        else:
+            self._pairs = lambda: iter(dataset)
         self.dot_product_fun = dot_product_fun
         self.k, self.order = int(k), order
         self.d_type = None if d_type is None else tf.as_dtype(d_type)

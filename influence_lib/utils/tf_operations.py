@@ -122,4 +122,5 @@ def _replay(model: keras.Model, index: int, cut) -> object:
         result = node_layer(arguments)
         for tensor, value in zip(tf.nest.flatten(node_layer.output), tf.nest.flatten(result)):
             computed[id(tensor)] = value
-    return tf.nest.map_structure(lambda tensor: computed[id(tensor)], model.outputs[0] if len(model.outputs) == 1 else model.outputs)
+    outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+    return tf.nest.map_structure(lambda tensor: computed[id(tensor)], outputs)

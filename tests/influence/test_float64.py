@@ -132,7 +132,9 @@ def test_tracin_on_float64_checkpoints_matches_numpy():
     x, y = _data(9, seed=6)
     x_test, y_test = _data(4, seed=7)
     tracin = il.TracIn([il.InfluenceModel(model, 0, 1) for model in models], rates, show_progress=False)
-    expected = sum(rate * _mlp_gradients(m, x_test, y_test) @ _mlp_gradients(m, x, y).T for m, rate in zip(models, rates))
+    expected = sum(
+        rate * _mlp_gradients(m, x_test, y_test) @ _mlp_gradients(m, x, y).T for m, rate in zip(models, rates)
+    )
     train, test = _dataset(x, y, 4), _dataset(x_test, y_test, 2)
     rows = [np.concatenate([values.numpy() for _, values in inner], axis=1)
             for _, inner in tracin.estimate_influence_values_in_batches(test, train)]

@@ -46,7 +46,9 @@ def check_closed_form(model, inputs, targets, start, last, loss_function=CCE, sa
     batch = (inputs, targets) if sample_weight is None else (inputs, targets, sample_weight)
     jacobian = influence_model.batch_jacobian_tensor(batch)
     assert influence_model.fallback_reason is None
-    expected = one_sample_gradients(model, influence_model.watched_layers, loss_function, inputs, targets, sample_weight)
+    expected = one_sample_gradients(
+        model, influence_model.watched_layers, loss_function, inputs, targets, sample_weight
+    )
     assert_close(jacobian, expected, rtol)
     return influence_model, jacobian
 
