@@ -161,3 +161,21 @@ def test_float32_models_keep_float32_results():
     assert calculator.value_dtype == tf.float32
     values = il.extract_only_values(calculator.compute_influence_values(train))
     assert values.dtype == tf.float32
+
+
+@pytest.mark.parametrize("policy", ["float16", "bfloat16", "mixed_float16"])
+def test_low_precision_models_compute_and_return_float32(policy):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax", dtype=policy)])
+    x, y = (part.astype(np.float32) for part in _data(8, seed=8))
+    influence_model = il.InfluenceModel(model)
+    assert influence_model.dtype == tf.float32
+    jacobian = influence_model.batch_jacobian_tensor((x, y))
+    assert jacobian.dtype == tf.float32
+    kernel, bias = (w.numpy().astype(np.float64) for w in influence_model.weights)
+    expected = rm.softmax_gradients(x, y, kernel, bias)
+    # The forward pass runs in the layer's 16-bit compute dtype: agreement to that precision.
+    np.testing.assert_allclose(jacobian.numpy(), expected, atol=0.05 * np.abs(expected).max())
+    calculator = il.TracIn([influence_model], 0.1, show_progress=False)
+    values = il.extract_only_values(calculator.compute_influence_values(_dataset(x, y, 4)))
+    assert values.dtype == tf.float32
+    np.testing.assert_allclose(values.numpy(), 0.1 * (expected**2).sum(1), rtol=0.1)
