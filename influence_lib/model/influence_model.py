@@ -77,6 +77,11 @@ def loss_in_dtype(loss_function: Callable, dtype: tf.DType) -> Callable:
     return converted
 
 
+def _owned_weights(layer: keras.layers.Layer, refs: set) -> list:
+    """The weights of ``layer`` whose backing variables are in ``refs``, in ``layer.weights`` order."""
+    return [weight for weight in layer.weights if _as_tf_variable(weight).ref() in refs]
+
+
 def _weights_by_layer(model: keras.Model, weights_to_watch: Sequence) -> tuple[list, list[list]]:
     """Group explicit weights by the top-level layer of ``model`` that owns them, in the model's order."""
     flat = []
@@ -206,8 +211,9 @@ class InfluenceModel:
         self.dtype: tf.DType = compute_dtype_of(watched)
         self.weight_shapes: list[tuple[int, ...]] = [tuple(weight.shape) for weight in watched]
         self.nb_params: int = int(sum(np.prod(shape, dtype=np.int64) for shape in self.weight_shapes))
-        self.closed_form_layers = [layer for layer, weights in zip(self.watched_layers, per_layer) if weights]
-        self._closed_form_weights = [weights for weights in per_layer if weights]
+        watched_refs = {variable.ref() for variable in self.tf_variables}
+        self.closed_form_layers = [layer for layer in self.watched_layers if _owned_weights(layer, watched_refs)]
+        self._closed_form_weights = [_owned_weights(layer, watched_refs) for layer in self.closed_form_layers]
         self.fallback_reason: str | None = None
         self._recorder, self._static_fallback = self._plan_closed_form(per_sample_gradients)
 
