@@ -83,13 +83,15 @@ def split_dense_head(model: keras.Model, layer: int | str = -1) -> DenseHead:
 
 
 def label_classes(targets: tf.Tensor, nb_classes: int) -> tf.Tensor:
-    """Class indices of a batch of labels, one-hot / probability ``(B, C)`` or sparse ``(B,)`` / ``(B, 1)``."""
+    """Class indices of a batch of labels, one-hot / probability ``(B, C)`` or sparse ``(B,)`` / ``(B, 1)``;
+    sparse labels outside ``[0, C)`` (``[0, 2)`` for a one-output binary head) raise a ``ValueError``."""
     targets = tf.convert_to_tensor(targets)
     if targets.shape.rank == 2 and targets.shape[1] == nb_classes and nb_classes > 1:
         return tf.argmax(targets, axis=1, output_type=tf.int32)
     labels = tf.cast(tf.reshape(targets, [-1]), tf.int32)
-    out_of_range = tf.logical_or(labels < 0, labels >= nb_classes)
+    classes = max(nb_classes, 2)  # a one-output binary head takes labels 0 and 1
+    out_of_range = tf.logical_or(labels < 0, labels >= classes)
     first_bad = tf.gather(labels, tf.argmax(tf.cast(out_of_range, tf.int32), output_type=tf.int32))
-    prefix, suffix = label_message("LABEL", nb_classes).split("LABEL")
+    prefix, suffix = label_message("LABEL", classes).split("LABEL")
     assert_that(tf.logical_not(tf.reduce_any(out_of_range)), prefix.strip(), first_bad, suffix.strip())
     return labels
