@@ -42,7 +42,7 @@ import tensorflow as tf
 from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset, iterate_batches
 from ..common.progress import progress
-from ..model.influence_model import _check_unreduced
+from ..model.losses import check_unreduced as _check_unreduced
 from ._dense_head import DenseHead, label_classes, split_dense_head
 from .base import BaseInfluenceCalculator
 

@@ -23,7 +23,8 @@ from ..common.datasets import Batch, check_dataset, iterate_batches
 from .layer_recorder import LayerRecorder, Recording
 from .layer_rules import LayerCall, rule_for
 from .layer_selection import select_layers
-from .measurement import Measurement, MeasurementAsLoss, resolve_measurement
+from .losses import LossPath, check_batch_fits, plan_loss_path, resolve_loss
+from .measurement import Measurement, MeasurementAsLoss, margin, resolve_measurement
 
 ProcessBatch = Callable[[Batch], tuple[object, tf.Tensor, tf.Tensor | None]]
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
@@ -40,15 +41,6 @@ def default_process_batch(batch: Batch) -> tuple[object, tf.Tensor, tf.Tensor | 
         f"A batch must be (inputs, targets) or (inputs, targets, sample_weight); got a tuple of {len(batch)}. "
         "For other layouts pass process_batch_for_loss_fn=... returning (inputs, targets, sample_weight)."
     )
-
-
-def _check_unreduced(loss_function: Callable) -> None:
-    reduction = getattr(loss_function, "reduction", None)
-    if reduction is not None and str(reduction).lower().split(".")[-1] != "none":
-        raise ValueError(
-            f"The loss function must return one value per sample, but it has reduction={reduction!r}. "
-            "Create it with reduction=None, e.g. keras.losses.CategoricalCrossentropy(reduction=None)."
-        )
 
 
 def _as_tf_variable(weight) -> tf.Variable:
@@ -68,10 +60,14 @@ class InfluenceModel:
     last_layer
         Name or index of the last watched layer (inclusive). ``None`` watches ``start_layer`` alone.
     loss_function
-        Loss returning one value per sample: a Keras loss created with ``reduction=None`` or any
-        callable ``loss(y_true, y_pred) -> (batch,)``. Per-element losses of higher rank (e.g.
-        per time step) are averaged over their non-batch axes. Default: categorical
-        cross-entropy on probabilities, as in Influenciae.
+        Loss returning one value per sample: a Keras loss identifier (``'mse'``,
+        ``'sparse_categorical_crossentropy'``, a ``keras.losses`` function), a Keras loss created
+        with ``reduction=None`` or any callable ``loss(y_true, y_pred) -> (batch,)``. Per-element
+        losses of higher rank (e.g. per time step) are averaged over their non-batch axes.
+        Default: the loss the model was compiled with (made unreduced); for a model never
+        compiled, a cross-entropy matching its output layer (see :mod:`influence_lib.model.losses`).
+        A cross-entropy on probabilities whose model ends in a ``softmax``/``sigmoid`` layer is
+        computed from that layer's logits (same loss, exact gradients for confident samples).
     process_batch_for_loss_fn
         Maps a dataset batch to ``(inputs, targets, sample_weight or None)``. The default accepts
         ``(x, y)`` and ``(x, y, sample_weight)``.
@@ -112,11 +108,9 @@ class InfluenceModel:
             )
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a Keras 3 keras.Model, got {type(model).__name__}.")
-        if loss_function is None:
-            loss_function = keras.losses.CategoricalCrossentropy(from_logits=False, reduction=None)
-        _check_unreduced(loss_function)
         self.model = model
-        self.loss_function = loss_function
+        self.loss_function = resolve_loss(loss_function, model)
+        self._loss_path: LossPath = plan_loss_path(self.loss_function, model)
         self.process_batch_for_loss_fn = process_batch_for_loss_fn
         self.layers = select_layers(model, start_layer, last_layer)
         watched = [weight for layer in self.layers for weight in layer.trainable_weights]
@@ -177,6 +171,10 @@ class InfluenceModel:
             if isinstance(attribute, compiled_method):
                 view.__dict__.pop(name, None)
         view.loss_function = MeasurementAsLoss(function)
+        view._loss_path = LossPath(view.loss_function)
+        if measurement == "margin" and self._loss_path.logits_layer is not None:
+            on_logits = MeasurementAsLoss(lambda outputs, targets: margin(outputs, targets, from_logits=True))
+            view._loss_path = LossPath(on_logits, self._loss_path.logits_layer)
         return view
 
     def __call__(self, inputs) -> tf.Tensor:
@@ -216,11 +214,13 @@ class InfluenceModel:
 
     def _per_sample_loss(self, batch: Batch) -> tf.Tensor:
         inputs, targets, sample_weight = self.process_batch_for_loss_fn(batch)
-        outputs = self.model(inputs, training=False)
+        with self._loss_path.forward():
+            outputs = self.model(inputs, training=False)
         outputs = tf.nest.map_structure(
             lambda out: tf.cast(out, tf.float32) if out.dtype in _LOW_PRECISION else out, outputs
         )
-        losses = self.loss_function(targets, outputs)
+        check_batch_fits(self.loss_function, targets, outputs)
+        losses = self._loss_path.loss(targets, outputs)
         if losses.shape.rank == 0:
             raise ValueError(
                 "The loss function returned a single value for the whole batch: it is reduced, or the "
