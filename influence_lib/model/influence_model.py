@@ -22,7 +22,7 @@ from ..common.compiled import compiled_method
 from ..common.datasets import Batch, check_dataset, iterate_batches
 from .layer_recorder import LayerRecorder, Recording
 from .layer_rules import LayerCall, rule_for
-from .layer_selection import select_layers
+from .layer_selection import closed_form_units, select_layers
 from .losses import LossPath, check_batch_fits, plan_loss_path, resolve_loss
 from .measurement import Measurement, MeasurementAsLoss, margin, resolve_measurement
 
@@ -56,7 +56,9 @@ class InfluenceModel:
         A built Keras model (Sequential, Functional or subclassed).
     start_layer
         Name or index of the first layer whose trainable weights are watched. ``None`` (default)
-        watches the last layer that has trainable weights.
+        watches the last layer that has trainable weights. A list of names, indices or layers
+        watches exactly those layers (``last_layer`` must then be ``None``); ``start_layer=0,
+        last_layer=-1`` watches every layer.
     last_layer
         Name or index of the last watched layer (inclusive). ``None`` watches ``start_layer`` alone.
     loss_function
@@ -80,10 +82,13 @@ class InfluenceModel:
     ----------
     closed_form_layers
         The watched layers owning watched weights, in order (the blocks of
-        :meth:`batch_jacobian_blocks`).
+        :meth:`batch_jacobian_blocks`); composite layers such as ``MultiHeadAttention`` are
+        replaced by their parts (its ``EinsumDense`` projections).
     fallback_reason
-        ``None`` while the closed form is used; otherwise why the last traced computation used
-        the jacobian instead.
+        Set at construction: ``None`` when the closed form will be used, otherwise why the
+        jacobian will be used (a layer without rule, ``per_sample_gradients='jacobian'``). A
+        forward pass that turns out not to be recordable (e.g. a watched weight used outside its
+        layer) sets it when first traced. :attr:`per_sample_gradient_path` says it in words.
 
     Notes
     -----
@@ -120,9 +125,22 @@ class InfluenceModel:
         self.weights: list[tf.Variable] = [_as_tf_variable(weight) for weight in watched]
         self.weight_shapes: list[tuple[int, ...]] = [tuple(weight.shape) for weight in self.weights]
         self.nb_params: int = int(sum(np.prod(shape, dtype=np.int64) for shape in self.weight_shapes))
-        self.closed_form_layers = [layer for layer in self.layers if layer.trainable_weights]
-        self.fallback_reason: str | None = None
+        self.closed_form_layers = [
+            unit
+            for layer in self.layers
+            if layer.trainable_weights
+            for unit in closed_form_units(layer, lambda candidate: rule_for(candidate) is not None)
+        ]
         self._recorder, self._static_fallback = self._plan_closed_form(per_sample_gradients)
+        self.fallback_reason: str | None = self._static_fallback
+
+    @property
+    def per_sample_gradient_path(self) -> str:
+        """Which per-sample gradient computation is used, and why."""
+        if self.fallback_reason is None:
+            kinds = sorted({type(layer).__name__ for layer in self.closed_form_layers})
+            return f"closed form from one forward and one backward pass (rules for {', '.join(kinds)})"
+        return f"vectorized jacobian (memory grows with batch × parameters): {self.fallback_reason}"
 
     def _plan_closed_form(self, mode: str) -> tuple[LayerRecorder | None, str | None]:
         """Match each watched layer with its rule and its watched weights with the rule's parameters."""

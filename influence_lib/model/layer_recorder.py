@@ -66,7 +66,7 @@ class LayerRecorder:
         layer, rule, params = self.layers[index], self.rules[index], self.parameters[index]
 
         def recording_call(inputs, *args, **kwargs):
-            if args or set(kwargs) - _FORWARDED_KEYWORDS or not isinstance(inputs, tf.Tensor) or isinstance(
+            if args or {key for key, value in kwargs.items() if value is not None} - _FORWARDED_KEYWORDS or not isinstance(inputs, tf.Tensor) or isinstance(
                 inputs, (tf.SparseTensor, tf.RaggedTensor)
             ):
                 record.failure = f"layer {layer.name!r} was called with arguments the closed form does not cover"
