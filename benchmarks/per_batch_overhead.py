@@ -3,15 +3,17 @@
 For a CNN with BatchNormalization (all layers watched, closed-form per-sample gradients) and
 batch sizes 8, 32 and 256, it times
 
-* ``arithmetic``: the compiled per-batch computation alone, called on one batch already in memory
-  (TracIn's ``_compute_influence_value_from_batch`` for self-influence, ``_compute_influence_vector``
-  for influence vectors), waiting for the result;
+* ``arithmetic``: the compiled per-batch computation alone, called on the training batches
+  already in memory (TracIn's ``_compute_influence_value_from_batch`` for self-influence,
+  ``_compute_influence_vector`` for influence vectors), waiting for the result;
 * ``stream``: iterating the result dataset the user gets (``compute_influence_values`` /
   ``compute_influence_vector``) over a ``tf.data`` training set, per batch — what a user pays,
   including reading the input batches, checks, casts and the stream machinery.
 
 The overhead is ``stream − arithmetic``; the goal is ``stream ≤ 1.5 × arithmetic`` at batch 32.
-Each figure is the median of ``--repeats`` passes after one warm-up pass (traces excluded).
+Both run in interleaved rounds (one pass of each per round, so that a slow spell of the shared
+machine hits both alike); each figure is the median over ``--repeats`` rounds after one warm-up
+pass (traces excluded).
 
 Command (≈ 1 min on 2 cores): ``python benchmarks/per_batch_overhead.py``
 """
@@ -49,13 +51,15 @@ def cnn() -> keras.Model:
     ])
 
 
-def _median_seconds(function, repeats: int) -> float:
-    times = []
+def _interleaved_medians(functions: list, repeats: int) -> list[float]:
+    """Median seconds of each function, timed in rounds of one call of each."""
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for function, spent in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def measure(batch_size: int, batches: int, repeats: int) -> dict:
@@ -66,17 +70,21 @@ def measure(batch_size: int, batches: int, repeats: int) -> dict:
     y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)]
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
     tracin = il.TracIn([il.InfluenceModel(model, 0, -1)], 0.1, show_progress=False)
-    one_batch = (tf.constant(x[:batch_size]), tf.constant(y[:batch_size]))
+    in_memory = [tuple(batch) for batch in dataset]
     row = {"batch_size": batch_size, "path": tracin.models[0].per_sample_gradient_path.split(" (")[0]}
     for name, hook, stream in (
         ("self_influence", tracin._compute_influence_value_from_batch, tracin.compute_influence_values),
         ("influence_vector", tracin._compute_influence_vector, tracin.compute_influence_vector),
     ):
-        hook(one_batch).numpy()
-        arithmetic = _median_seconds(lambda: [hook(one_batch).numpy() for _ in range(batches)], repeats) / batches
         result = stream(dataset)
         list(result)
-        per_batch = _median_seconds(lambda: [values.numpy() for _, values in result], repeats) / batches
+        arithmetic, per_batch = (
+            seconds / batches
+            for seconds in _interleaved_medians(
+                [lambda: [hook(batch).numpy() for batch in in_memory], lambda: [v.numpy() for _, v in result]],
+                repeats,
+            )
+        )
         row[name] = {
             "arithmetic_ms": 1e3 * arithmetic,
             "stream_ms": 1e3 * per_batch,
@@ -90,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 256])
     parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="write the rows to this file")
     arguments = parser.parse_args()
     rows = [measure(size, arguments.batches, arguments.repeats) for size in arguments.batch_sizes]
