@@ -152,7 +152,7 @@ def test_explicit_layer_list_skips_a_layer():
         keras.layers.Dense(3, name="c"),
     ])
     listed = InfluenceModel(model, ["c", 0])
-    assert [layer.name for layer in listed.layers] == ["a", "c"]
+    assert [layer.name for layer in listed.watched_layers] == ["a", "c"]
     assert listed.nb_params == 4 * 5 + 5 + 4 * 3 + 3
     full = InfluenceModel(model, 0, -1)
     x, y = _classification_data((4,))
