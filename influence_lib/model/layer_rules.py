@@ -473,7 +473,11 @@ def _depthwise_kernel_gradients(layer, inputs: tf.Tensor, delta: tf.Tensor, kern
 
 def _depthwise(layer, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     return tf.nn.depthwise_conv2d(
-        inputs, kernel, strides=[1, *layer.strides, 1], padding=layer.padding.upper(), dilations=list(layer.dilation_rate)
+        inputs,
+        kernel,
+        strides=[1, *layer.strides, 1],
+        padding=layer.padding.upper(),
+        dilations=list(layer.dilation_rate),
     )
 
 
@@ -494,7 +498,8 @@ class DepthwiseConvRule(LayerRule):
         return outputs if bias is None else outputs + bias
 
     def per_sample_gradients(self, layer, call):
-        kernel_grad = _depthwise_kernel_gradients(layer, _like(call.inputs, call.delta), call.delta, tuple(layer.kernel.shape))
+        inputs = _like(call.inputs, call.delta)
+        kernel_grad = _depthwise_kernel_gradients(layer, inputs, call.delta, tuple(layer.kernel.shape))
         return [kernel_grad, tf.reduce_sum(call.delta, axis=[1, 2])]
 
 

@@ -44,7 +44,8 @@ def _listed_layers(model: keras.Model, layers: Sequence, last_layer) -> list[ker
         if isinstance(layer, keras.layers.Layer):
             matches = [index for index, candidate in enumerate(model.layers) if candidate is layer]
             if not matches:
-                raise ValueError(f"Layer {layer.name!r} is not one of the model's layers {[c.name for c in model.layers]}.")
+                names = [candidate.name for candidate in model.layers]
+                raise ValueError(f"Layer {layer.name!r} is not one of the model's layers {names}.")
             indices.append(matches[0])
         else:
             indices.append(_layer_index(model, layer, "start_layer"))
@@ -86,7 +87,9 @@ def closed_form_units(layer: keras.layers.Layer, has_rule: Callable[[keras.layer
     """
     if has_rule(layer):
         return [layer]
-    children = [child for child in layer._flatten_layers(include_self=False, recursive=False) if child.trainable_weights]
+    children = [
+        child for child in layer._flatten_layers(include_self=False, recursive=False) if child.trainable_weights
+    ]
     if not children:
         return [layer]
     units = [unit for child in children for unit in closed_form_units(child, has_rule)]

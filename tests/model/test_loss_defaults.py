@@ -27,10 +27,11 @@ def _jacobian(loss_function, model, dataset):
 @pytest.mark.parametrize(
     ("compiled", "explicit", "sparse", "activation"),
     [
-        ("sparse_categorical_crossentropy", keras.losses.SparseCategoricalCrossentropy(reduction=None), True, "softmax"),
+        ("sparse_categorical_crossentropy", keras.losses.SparseCategoricalCrossentropy(reduction=None), True,
+         "softmax"),
         ("categorical_crossentropy", keras.losses.CategoricalCrossentropy(reduction=None), False, "softmax"),
-        (keras.losses.CategoricalCrossentropy(from_logits=True), keras.losses.CategoricalCrossentropy(
-            from_logits=True, reduction=None), False, None),
+        (keras.losses.CategoricalCrossentropy(from_logits=True),
+         keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None), False, None),
         ("mse", keras.losses.MeanSquaredError(reduction=None), False, None),
     ],
 )

@@ -24,7 +24,8 @@ def _materialized(influence_model: InfluenceModel, inputs, targets) -> np.ndarra
     rows = []
     for index in range(len(inputs)):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(influence_model.batch_loss_tensor((inputs[index : index + 1], targets[index : index + 1])))
+            sample = (inputs[index : index + 1], targets[index : index + 1])
+            loss = tf.reduce_sum(influence_model.batch_loss_tensor(sample))
         rows.append(influence_model.flatten(tape.gradient(loss, influence_model.weights)).numpy())
     return np.stack(rows)
 
