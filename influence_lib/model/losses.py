@@ -286,8 +286,8 @@ def plan_loss_path(loss: Callable, model: keras.Model) -> LossPath:
     layer = output_layer(model)
     if layer is None or _activation_name(layer) != ("sigmoid" if binary else "softmax"):
         return LossPath(loss)
-    if "activation" not in layer.__dict__:
-        return LossPath(loss)
+    if "activation" not in layer.__dict__ or len(getattr(layer, "_inbound_nodes", [])) != 1:
+        return LossPath(loss)  # an activation Keras does not read from the attribute, or a shared layer
     kind = "binary" if binary else "sparse" if isinstance(loss, keras.losses.SparseCategoricalCrossentropy) else (
         "categorical"
     )

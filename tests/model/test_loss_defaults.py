@@ -164,3 +164,12 @@ def test_confident_samples_float32_scores_match_float64():
     np.testing.assert_array_less(np.abs(scores - expected) / expected, 1e-3)
     pairwise = tracin.influence_between_batches((x[:8], y[:8]), (x, y)).numpy()
     np.testing.assert_array_less(np.abs(pairwise - reference[:8] @ reference.T), 1e-3 * scale[:8] @ scale.T)
+
+
+def test_shared_output_layer_keeps_the_probability_path():
+    inputs = keras.Input((3,))
+    head = keras.layers.Dense(3, activation="softmax")
+    model = keras.Model(inputs, head(head(inputs)))
+    influence_model = il.InfluenceModel(model)
+    assert influence_model._loss_path.logits_layer is None
+    assert il.InfluenceModel(_model(3, "softmax"))._loss_path.logits_layer is not None
