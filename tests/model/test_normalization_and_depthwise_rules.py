@@ -178,3 +178,24 @@ def test_fallback_reason_is_known_at_construction():
     assert "no closed-form rule for layer" in influence_model.fallback_reason
     assert influence_model.per_sample_gradient_path.startswith("vectorized jacobian")
     assert InfluenceModel(model).fallback_reason is None
+
+
+def test_new_rules_in_float64_match_the_jacobian_to_round_off():
+    dtype = "float64"
+    model = keras.Sequential([
+        keras.Input((6, 6, 2), dtype=dtype),
+        keras.layers.BatchNormalization(dtype=dtype),
+        keras.layers.DepthwiseConv2D(3, padding="same", dtype=dtype),
+        keras.layers.SeparableConv2D(2, 2, dtype=dtype),
+        keras.layers.GlobalAveragePooling2D(dtype=dtype),
+        keras.layers.LayerNormalization(dtype=dtype),
+        keras.layers.Dense(3, activation="softmax", dtype=dtype),
+    ])
+    _randomize(model, seed=6)
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(4, 6, 6, 2)), np.eye(3)[[0, 1, 2, 0]]
+    closed = InfluenceModel(model, 0, -1)
+    gradients = closed.batch_jacobian_tensor((x, y))
+    assert closed.fallback_reason is None and gradients.dtype == tf.float64
+    expected = InfluenceModel(model, 0, -1, per_sample_gradients="jacobian").batch_jacobian_tensor((x, y)).numpy()
+    np.testing.assert_allclose(gradients.numpy(), expected, atol=1e-12 * np.abs(expected).max())
