@@ -5,8 +5,9 @@ norms, the gradient of the summed loss, Hessian-vector products and the Hessian 
 loss.
 
 Per-sample gradients of the layer types in :mod:`influence_lib.model.layer_rules` (Dense,
-Conv1D/Conv2D, Embedding, EinsumDense) come in closed form from ONE forward and ONE backward
-pass of the batch: each watched layer's input ``a`` and output gradient ``δ`` are recorded
+Conv1D/Conv2D, DepthwiseConv2D, SeparableConv2D, Embedding, EinsumDense, BatchNormalization,
+LayerNormalization; composite layers such as MultiHeadAttention through their parts) come in
+closed form from ONE forward and ONE backward pass of the batch: each watched layer's input ``a`` and output gradient ``δ`` are recorded
 (:mod:`influence_lib.model.layer_recorder`) and combined per sample (``a_i ⊗ δ_i`` for Dense).
 Anything else — another layer type, a subclassed model that uses weights outside its layers'
 ``call`` — automatically uses the vectorized jacobian (``GradientTape.jacobian`` with pfor).

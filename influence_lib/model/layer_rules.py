@@ -10,6 +10,9 @@ inference mode (``δ_i = ∂ℓ_i/∂z_i``):
 * Conv1D / Conv2D: the same outer product with the input patch seen by each output position
   (convolution as a matrix product, Chellapilla et al. 2006).
 * Embedding ``z_t = E[id_t]``: ``∂ℓ_i/∂E = Σ_t e_{id_{i,t}} ⊗ δ_{i,t}`` (a scatter-add of rows).
+* BatchNormalization (inference) and LayerNormalization ``z = γ x̂ + β``: ``∂ℓ_i/∂γ = Σ δ_i ⊙ x̂_i``,
+  ``∂ℓ_i/∂β = Σ δ_i``; DepthwiseConv2D and SeparableConv2D: the convolution rule per input
+  channel (see their classes).
 * EinsumDense ``z = einsum(eq, a, W) + b``: ``∂ℓ_i/∂W = einsum(a_i, δ_i)`` with the kernel's
   letters as output, ``∂ℓ_i/∂b`` = ``δ_i`` summed over the bias's broadcast axes.
 
