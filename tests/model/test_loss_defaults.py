@@ -71,12 +71,12 @@ def test_uncompiled_defaults_follow_the_output_layer():
     )
     np.testing.assert_allclose(il.InfluenceModel(softmax_model).batch_jacobian(dataset).numpy(), expected, atol=1e-5)
     sigmoid_model = _model(1, "sigmoid")
-    binary = tf.data.Dataset.from_tensor_slices((x, (labels % 2).astype(np.float32)[:, None])).batch(5)
-    np.testing.assert_allclose(
-        il.InfluenceModel(sigmoid_model).batch_jacobian(binary).numpy(),
-        _jacobian(keras.losses.BinaryCrossentropy(reduction=None), sigmoid_model, binary),
-        atol=1e-6,
-    )
+    targets = (labels % 2).astype(np.float32)[:, None]
+    binary = tf.data.Dataset.from_tensor_slices((x, targets)).batch(5)
+    z = x.astype(np.float64) @ sigmoid_model.layers[0].kernel.numpy() + sigmoid_model.layers[0].bias.numpy()
+    delta = 1.0 / (1.0 + np.exp(-z)) - targets  # d/dz of binary cross-entropy on sigmoid(z)
+    expected = np.concatenate([x * delta, delta], axis=1)
+    np.testing.assert_allclose(il.InfluenceModel(sigmoid_model).batch_jacobian(binary).numpy(), expected, atol=1e-6)
 
 
 def test_regression_model_without_loss_is_refused_not_zero():
@@ -173,3 +173,14 @@ def test_shared_output_layer_keeps_the_probability_path():
     influence_model = il.InfluenceModel(model)
     assert influence_model._loss_path.logits_layer is None
     assert il.InfluenceModel(_model(3, "softmax"))._loss_path.logits_layer is not None
+
+
+def test_integer_labels_with_the_compiled_sparse_loss_match_numpy():
+    model = _model(3, "softmax")
+    model.compile(loss="sparse_categorical_crossentropy")
+    x, labels, one_hot = _data()
+    dataset = tf.data.Dataset.from_tensor_slices((x, labels)).batch(5)
+    kernel, bias = (w.numpy().astype(np.float64) for w in model.layers[0].weights)
+    np.testing.assert_allclose(
+        il.InfluenceModel(model).batch_jacobian(dataset).numpy(), softmax_gradients(x, one_hot, kernel, bias), atol=1e-5
+    )
