@@ -12,7 +12,7 @@ from ._fingerprint import describe_callable
 
 
 def load_checkpoint(model: keras.Model, path: str) -> keras.Model:
-    """A clone of ``model`` (``keras.models.clone_model``) with the weights saved at ``path``.
+    """Load the weights saved at ``path`` into ``model`` (a copy made for this checkpoint) and return it.
 
     Raises
     ------
@@ -26,9 +26,8 @@ def load_checkpoint(model: keras.Model, path: str) -> keras.Model:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"The TracIn checkpoint {path!r} does not exist (or is not a file): pass the weight "
                                 "files saved during training (.weights.h5).")
-    clone = keras.models.clone_model(model)
     try:
-        clone.load_weights(path)
+        model.load_weights(path)
     except (OSError, ValueError, KeyError, TypeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(
@@ -36,7 +35,7 @@ def load_checkpoint(model: keras.Model, path: str) -> keras.Model:
             "truncated, or was saved from another architecture; pass the weight files saved from this model "
             "(.weights.h5)."
         ) from error
-    return clone
+    return model
 
 
 def check_compatible_checkpoints(models: Sequence[InfluenceModel]) -> None:

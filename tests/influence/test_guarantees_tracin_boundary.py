@@ -71,12 +71,12 @@ def test_corrupt_or_missing_checkpoint_names_its_path(tmp_path, damage):
         il.TracIn.from_checkpoints(model, [good, bad], 0.1, show_progress=False)
 
 
-def test_loaded_checkpoint_is_a_clone_with_the_saved_weights(tmp_path):
+def test_loaded_checkpoint_holds_the_saved_weights_and_the_model_is_untouched(tmp_path):
     model, other = _mlp(seed=0), _mlp(seed=1)
     path = str(tmp_path / "other.weights.h5")
     other.save_weights(path)
     before = [w.copy() for w in model.get_weights()]
-    clone = load_checkpoint(model, path)
+    clone = load_checkpoint(keras.models.clone_model(model), path)
     for loaded, saved in zip(clone.get_weights(), other.get_weights()):
         np.testing.assert_array_equal(loaded, saved)
     for kept, original in zip(model.get_weights(), before):
@@ -90,19 +90,20 @@ def test_two_callback_runs_in_one_directory_keep_their_own_files(tmp_path):
     first, second = TracInCheckpoint(directory), TracInCheckpoint(directory)
     first_model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[first])
     first_weights = [w.copy() for w in first_model.get_weights()]
-    first_values = extract_only_values(TracIn_values(first, first_model, train))
+    first_values = extract_only_values(_tracin_values(first, first_model, train))
     second_model.fit(x + 1.0, y, batch_size=4, epochs=3, verbose=0, callbacks=[second])
     assert first.run_directory != second.run_directory
     assert set(first.paths).isdisjoint(second.paths) and len(first.paths) == 2 and len(second.paths) == 3
     assert all(os.path.dirname(path) == first.run_directory for path in first.paths)
-    np.testing.assert_array_equal(extract_only_values(TracIn_values(first, first_model, train)), first_values)
+    np.testing.assert_array_equal(extract_only_values(_tracin_values(first, first_model, train)), first_values)
     # The last checkpoint of the first run still holds the first run's final weights.
-    for loaded, expected in zip(load_checkpoint(first_model, first.paths[-1]).get_weights(), first_weights):
+    last = load_checkpoint(keras.models.clone_model(first_model), first.paths[-1])
+    for loaded, expected in zip(last.get_weights(), first_weights):
         np.testing.assert_array_equal(loaded, expected)
     assert not [name for name in os.listdir(first.run_directory) if name.startswith(".tmp-")]
 
 
-def TracIn_values(callback, model, train):
+def _tracin_values(callback, model, train):
     return il.TracIn.from_callback(callback, model, show_progress=False).compute_influence_values(train)
 
 
