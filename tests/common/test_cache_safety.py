@@ -3,6 +3,7 @@ import gc
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,11 +176,20 @@ def test_tracin_and_arnoldi_fingerprints(problem, tmp_path):
 # --- corruption ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def saved(problem, tmp_path):
+@pytest.fixture(scope="module")
+def pristine(problem, tmp_path_factory):
     calculator = _first_order(problem["model"], problem["train"])
-    path = str(tmp_path / "cache")
+    path = str(tmp_path_factory.mktemp("pristine") / "cache")
     _save(calculator, problem["train"], path)
+    return calculator, path
+
+
+@pytest.fixture
+def saved(pristine, tmp_path):
+    """A fresh copy of one complete cache, to damage."""
+    calculator, source = pristine
+    path = str(tmp_path / "cache")
+    shutil.copytree(source, path)
     return calculator, path
 
 
