@@ -1,4 +1,5 @@
 """Faithfulness results as a table (plain or Markdown), as JSON and as a figure (LDS with error bars, time)."""
+import textwrap
 from collections.abc import Mapping
 
 import numpy as np
@@ -100,6 +101,6 @@ def plot_faithfulness(results: Mapping[str, FaithfulnessResult], ceiling: NoiseC
     time_axes.set_xscale("log")
     time_axes.set_xlabel("seconds (attributions of all test samples)")
     if title:
-        figure.suptitle(title)
+        figure.suptitle(textwrap.fill(title, 110), fontsize="medium")
     figure.tight_layout()
     return figure

@@ -155,7 +155,6 @@ def _open_store(path: str, kind: str, data: RetrainingData, procedure: TrainingP
 def _train_and_measure(
     procedure: TrainingProcedure, data: RetrainingData, keep: np.ndarray, seed: int, measurement: str
 ) -> tuple[np.ndarray, float, float]:
-    keras.backend.clear_session()
     trained = procedure.train(data.x_train[keep], data.y_train[keep], data.x_test, data.y_test, seed)
     return measure(trained, data.x_test, data.y_test, measurement), trained.train_accuracy, trained.test_accuracy
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import keras
 import numpy as np
+import tensorflow as tf
+
+from ..common.compiled import compiled_function
 
 
 @dataclass
@@ -177,28 +180,95 @@ class SGDTrainingProcedure(TrainingProcedure):
         layers.append(keras.layers.Dense(nb_classes, use_bias=self.output_bias, kernel_regularizer=regularizer))
         return keras.Sequential(layers)
 
+    def batch_orders(self, nb_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample indices of every step ``(epochs · steps, batch_size)`` (a fresh permutation per epoch)
+        and the mask of the real samples (the last batch of an epoch may be partial)."""
+        rng = np.random.default_rng(seed)
+        steps = -(-nb_samples // self.batch_size)
+        padded = steps * self.batch_size
+        orders = np.zeros((self.epochs, padded), dtype=np.int32)
+        masks = np.zeros((self.epochs, padded), dtype=np.float32)
+        for epoch in range(self.epochs):
+            orders[epoch, :nb_samples] = rng.permutation(nb_samples)
+            masks[epoch, :nb_samples] = 1.0
+        shape = (self.epochs, steps, self.batch_size)
+        return orders.reshape(shape), masks.reshape(shape)
+
     def train(self, x_train, y_train, x_test, y_test, seed, checkpoint_directory=None) -> TrainedModel:
+        """Train from seed ``seed`` (initial weights, batch order and dropout all follow from it).
+
+        Each epoch runs as one compiled loop over its mini-batches (traced once per architecture,
+        reused by every model of a ground-truth run); the update is Keras' SGD
+        (``v ← μ v − η g``, ``w ← w + v``) on the mean loss of the batch plus the L2 penalty.
+        """
         keras.utils.set_random_seed(seed)
         model = self.build_model(tuple(x_train.shape[1:]), int(y_train.shape[1]))
-        model.compile(
-            optimizer=keras.optimizers.SGD(self.learning_rate, momentum=self.momentum),
-            loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
-        callbacks, checkpoint_callback = [], None
+        model.compile(optimizer=keras.optimizers.SGD(self.learning_rate, momentum=self.momentum))
+        callback = None
         if checkpoint_directory is not None:
             os.makedirs(checkpoint_directory, exist_ok=True)
             period = self.checkpoint_every_n_epochs or max(1, self.epochs // 5)
-            checkpoint_callback = _tracin_checkpoint_callback(checkpoint_directory, period)
-            callbacks.append(checkpoint_callback)
-        model.fit(
-            x_train, y_train, batch_size=self.batch_size, epochs=self.epochs, verbose=0, shuffle=True,
-            callbacks=callbacks,
-        )
+            callback = _tracin_checkpoint_callback(checkpoint_directory, period)
+            callback.set_model(model)
+            callback.on_train_begin()
+        x = tf.constant(np.asarray(x_train, np.float32).reshape(len(x_train), -1))
+        y = tf.constant(np.asarray(y_train, np.float32))
+        weights = [tf.constant(value) for value in model.get_weights()]
+        velocities = [tf.zeros_like(value) for value in weights]
+        orders, masks = self.batch_orders(len(x_train), seed)
+        settings = (len(self.hidden_units), self.output_bias, float(self.dropout))
+        hyper = tf.constant([self.learning_rate, self.momentum, self.weight_decay], tf.float32)
+        for epoch in range(self.epochs):
+            weights, velocities = _sgd_epoch(
+                weights, velocities, x, y, tf.constant(orders[epoch]), tf.constant(masks[epoch]), hyper,
+                tf.constant([seed, epoch], tf.int64), *settings,
+            )
+            if callback is not None:
+                model.set_weights([value.numpy() for value in weights])
+                callback.on_epoch_end(epoch)
+        model.set_weights([value.numpy() for value in weights])
         return TrainedModel(
             model, _accuracy(model, x_train, y_train), _accuracy(model, x_test, y_test), seed, checkpoint_directory,
-            checkpoint_callback, self.loss_function(),
+            callback, self.loss_function(),
         )
+
+
+def _logits(weights, inputs, nb_hidden: int, output_bias: bool, dropout: float, seed) -> tf.Tensor:
+    """Forward pass of :meth:`SGDTrainingProcedure.build_model` on its weight list (dropout on when ``seed`` is given)."""
+    hidden = inputs
+    for layer in range(nb_hidden):
+        hidden = tf.nn.relu(tf.matmul(hidden, weights[2 * layer]) + weights[2 * layer + 1])
+        if seed is not None and dropout > 0:
+            noise = tf.random.stateless_uniform(tf.shape(hidden), tf.random.experimental.stateless_fold_in(seed, layer))
+            hidden = tf.where(noise >= dropout, hidden / (1.0 - dropout), tf.zeros_like(hidden))
+    logits = tf.matmul(hidden, weights[2 * nb_hidden])
+    return logits + weights[2 * nb_hidden + 1] if output_bias else logits
+
+
+@compiled_function
+def _sgd_epoch(weights, velocities, x, y, orders, masks, hyper, seed, nb_hidden, output_bias, dropout):
+    """One epoch of mini-batch SGD with momentum: ``orders``/``masks`` ``(steps, batch)``; ``hyper`` = (η, μ, λ)."""
+    learning_rate, momentum, weight_decay = hyper[0], hyper[1], hyper[2]
+    kernels = [2 * layer for layer in range(nb_hidden + 1)]
+
+    def body(step, weights, velocities):
+        mask = masks[step]
+        batch_x, batch_y = tf.gather(x, orders[step]), tf.gather(y, orders[step])
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(step, tf.int64))
+            logits = _logits(weights, batch_x, nb_hidden, output_bias, dropout, step_seed)
+            losses = tf.nn.softmax_cross_entropy_with_logits(batch_y, logits)
+            loss = tf.reduce_sum(losses * mask) / tf.reduce_sum(mask)
+            loss += weight_decay * tf.add_n([tf.reduce_sum(tf.square(weights[index])) for index in kernels])
+        gradients = tape.gradient(loss, weights)
+        velocities = [momentum * velocity - learning_rate * gradient for velocity, gradient in zip(velocities, gradients)]
+        return step + 1, [weight + velocity for weight, velocity in zip(weights, velocities)], velocities
+
+    _, weights, velocities = tf.while_loop(
+        lambda step, *_: step < tf.shape(orders)[0], body, (tf.constant(0), list(weights), list(velocities))
+    )
+    return weights, velocities
 
 
 def _accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 4096) -> float:
