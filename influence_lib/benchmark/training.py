@@ -278,3 +278,47 @@ def _accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int 
         outputs = np.asarray(model(x[start: start + batch_size], training=False))
         correct += int((outputs.argmax(axis=1) == y[start: start + batch_size].argmax(axis=1)).sum())
     return correct / len(x)
+
+
+class InfluenciaeTrainingProcedure(TrainingProcedure):
+    """An Influenciae-style training procedure used as a library one.
+
+    Influenciae's ``BaseTrainingProcedure.train(training_dataset, test_dataset, train_batch_size,
+    test_batch_size, log_path)`` takes unbatched datasets and returns ``(train accuracy, test
+    accuracy, model, info)``. TracIn checkpoints are not available through it (train with a library
+    procedure for TracIn).
+
+    Parameters
+    ----------
+    procedure
+        The Influenciae-style procedure.
+    train_batch_size, test_batch_size
+        Batch sizes handed to it.
+    loss_function
+        The unreduced loss its models are trained with (None: categorical cross-entropy on softmax
+        outputs); pass ``CategoricalCrossentropy(from_logits=True, reduction=None)`` for logits models.
+    """
+
+    def __init__(self, procedure, train_batch_size: int = 128, test_batch_size: int = 128,
+                 loss_function: Callable | None = None):
+        if not callable(getattr(procedure, "train", None)):
+            raise TypeError(f"procedure must have a train(...) method, got {type(procedure).__name__}.")
+        self.procedure = procedure
+        self.train_batch_size = train_batch_size
+        self.test_batch_size = test_batch_size
+        self.loss_function = loss_function
+
+    def __repr__(self) -> str:
+        return (f"InfluenciaeTrainingProcedure({self.procedure!r}, train_batch_size={self.train_batch_size}, "
+                f"test_batch_size={self.test_batch_size})")
+
+    def train(self, x_train, y_train, x_test, y_test, seed, checkpoint_directory=None) -> TrainedModel:
+        if checkpoint_directory is not None:
+            raise ValueError("An Influenciae-style training procedure cannot save TracIn checkpoints; use a library "
+                             "TrainingProcedure (e.g. MLPTrainingProcedure) for TracIn.")
+        keras.utils.set_random_seed(seed)
+        train_accuracy, test_accuracy, model, _ = self.procedure.train(
+            tf.data.Dataset.from_tensor_slices((x_train, y_train)), tf.data.Dataset.from_tensor_slices((x_test, y_test)),
+            self.train_batch_size, self.test_batch_size, log_path=None,
+        )
+        return TrainedModel(model, float(train_accuracy), float(test_accuracy), seed, loss_function=self.loss_function)
