@@ -40,6 +40,7 @@ from ..curvature.factory import (
     InverseHessianVectorProductFactory,
     LissaIHVPFactory,
 )
+from ..curvature.exact import ExactIHVP
 from ..influence.arnoldi import ArnoldiInfluenceCalculator
 from ..influence.base import extract_only_values
 from ..influence.boundary_sample import SampleBoundaryCalculator
@@ -136,6 +137,10 @@ class FirstOrderFactory(CalculatorFactory):
         Average the Hessian over this many training samples (all when None).
     normalize
         RelatIF normalization.
+    hessian
+        How the exact solver builds ``H``: ``'gauss_newton'`` (closed form for a last Dense layer
+        under softmax cross-entropy, where it equals the Hessian), ``'exact'`` (jacobian of the
+        gradient, any model) or ``'auto'`` (the closed form where it applies, else exact).
     """
 
     ihvp: str = "exact"
@@ -145,6 +150,19 @@ class FirstOrderFactory(CalculatorFactory):
     lissa_scale: float = 10.0
     n_samples_for_hessian: int | None = None
     normalize: bool = False
+    hessian: str = "auto"
+
+    def _exact_ihvp(self, model: InfluenceModel, hessian_set: tf.data.Dataset) -> ExactIHVP:
+        if self.hessian not in ("auto", "exact", "gauss_newton"):
+            raise ValueError(f"hessian must be 'auto', 'exact' or 'gauss_newton', got {self.hessian!r}.")
+        if self.hessian == "auto":
+            try:
+                return ExactIHVP(model, hessian_set, damping=self.damping, show_progress=False, hessian="gauss_newton")
+            except ValueError as error:
+                if "gauss_newton" not in str(error):
+                    raise
+        hessian = "exact" if self.hessian == "auto" else self.hessian
+        return ExactIHVP(model, hessian_set, damping=self.damping, show_progress=False, hessian=hessian)
 
     def _ihvp_factory(self) -> InverseHessianVectorProductFactory:
         factories = {
@@ -159,9 +177,9 @@ class FirstOrderFactory(CalculatorFactory):
     def build(self, trained, train_set, measurement=None) -> FirstOrderInfluenceCalculator:
         model = _influence_model(trained, self.start_layer)
         hessian_set = hessian_subset(train_set, self.n_samples_for_hessian, 10000, trained.seed)
+        ihvp = self._exact_ihvp(model, hessian_set) if self.ihvp == "exact" else self._ihvp_factory().build(model, hessian_set)
         return FirstOrderInfluenceCalculator(
-            model, hessian_set, self._ihvp_factory().build(model, hessian_set), normalize=self.normalize,
-            show_progress=False, measurement=measurement,
+            model, hessian_set, ihvp, normalize=self.normalize, show_progress=False, measurement=measurement,
         )
 
 
