@@ -102,6 +102,15 @@ class MethodResult:
         """Detection curve averaged over the seeds."""
         return np.mean([run.fraction_found for run in self.runs], axis=0)
 
+    def found_at(self, fraction_inspected: float) -> float:
+        """Mean over seeds of the fraction of flipped labels found among the top ``fraction_inspected``
+        of the training samples (kronfluence's and Influenciae's reading of the detection curve)."""
+        if not 0.0 <= fraction_inspected <= 1.0:
+            raise ValueError(f"fraction_inspected must be in [0, 1], got {fraction_inspected!r}.")
+        return float(np.mean([
+            run.fraction_found[int(round(fraction_inspected * (run.fraction_found.size - 1)))] for run in self.runs
+        ]))
+
 
 def _to_numpy(dataset, name: str, nb_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """``(x, integer labels)`` from a pair of arrays or an unbatched dataset of ``(x, y)``."""
