@@ -153,9 +153,14 @@ def _open_store(path: str, kind: str, data: RetrainingData, procedure: TrainingP
 
 
 def _train_and_measure(
-    procedure: TrainingProcedure, data: RetrainingData, keep: np.ndarray, seed: int, measurement: str
+    procedure: TrainingProcedure, data: RetrainingData, keep: np.ndarray | int, seed: int, measurement: str
 ) -> tuple[np.ndarray, float, float]:
-    trained = procedure.train(data.x_train[keep], data.y_train[keep], data.x_test, data.y_test, seed)
+    """Train on the samples of mask ``keep`` — or, for an integer, on all but that sample with
+    :meth:`TrainingProcedure.train_without` — and measure the test samples."""
+    if isinstance(keep, (int, np.integer)):
+        trained = procedure.train_without(data.x_train, data.y_train, int(keep), data.x_test, data.y_test, seed)
+    else:
+        trained = procedure.train(data.x_train[keep], data.y_train[keep], data.x_test, data.y_test, seed)
     return measure(trained, data.x_test, data.y_test, measurement), trained.train_accuracy, trained.test_accuracy
 
 
@@ -222,6 +227,10 @@ def retrain_leave_one_out(
 ) -> LeaveOneOutGroundTruth:
     """Train the full model and one model without each training sample in ``removed``, with the same seed.
 
+    The models without a sample come from :meth:`TrainingProcedure.train_without`, which keeps
+    everything else as in the full training where the procedure allows it (common random
+    numbers: for :class:`~influence_lib.benchmark.training.SGDTrainingProcedure`, the same initialization, batches and dropout).
+
     Returns
     -------
     LeaveOneOutGroundTruth
@@ -235,14 +244,13 @@ def retrain_leave_one_out(
     if removed.min() < 0 or removed.max() >= len(data.x_train) or np.unique(removed).size != removed.size:
         raise ValueError(f"removed must hold distinct indices in 0 … {len(data.x_train) - 1}.")
     check_measurement(measurement)
-    settings = {"removed": removed.tolist(), "training_seed": int(training_seed), "measurement": measurement}
+    settings = {
+        "removed": removed.tolist(), "training_seed": int(training_seed), "measurement": measurement,
+        "retraining": "train_without",
+    }
     store = None if path is None else _open_store(path, "leave-one-out", data, procedure, settings)
     names = ["full"] + [f"without_{index:06d}" for index in removed]
-    keeps = [np.ones(len(data.x_train), dtype=bool)]
-    for index in removed:
-        keep = np.ones(len(data.x_train), dtype=bool)
-        keep[index] = False
-        keeps.append(keep)
+    keeps = [np.ones(len(data.x_train), dtype=bool)] + [int(index) for index in removed]
     rows: dict[str, np.ndarray] = {}
     missing = []
     for name in names:

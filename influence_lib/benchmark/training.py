@@ -60,6 +60,18 @@ class TrainingProcedure(ABC):
         :class:`~influence_lib.influence.tracin_checkpoint.TracInCheckpoint`).
         """
 
+    def train_without(
+        self, x_train: np.ndarray, y_train: np.ndarray, index: int, x_test: np.ndarray, y_test: np.ndarray, seed: int
+    ) -> TrainedModel:
+        """Train on every training sample but ``index``, from seed ``seed`` (leave-one-out retraining).
+
+        The default trains on the arrays without that row. A procedure whose randomness depends on
+        the number of samples (e.g. the batch order) should override it so that, with the same
+        seed, everything but the removed sample stays the same as in ``train`` — otherwise the
+        leave-one-out difference is drowned by the reshuffle.
+        """
+        return self.train(np.delete(x_train, index, axis=0), np.delete(y_train, index, axis=0), x_test, y_test, seed)
+
 
 def _tracin_checkpoint_callback(directory: str, every_n_epochs: int):
     try:
@@ -180,9 +192,10 @@ class SGDTrainingProcedure(TrainingProcedure):
         layers.append(keras.layers.Dense(nb_classes, use_bias=self.output_bias, kernel_regularizer=regularizer))
         return keras.Sequential(layers)
 
-    def batch_orders(self, nb_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample indices of every step ``(epochs · steps, batch_size)`` (a fresh permutation per epoch)
-        and the mask of the real samples (the last batch of an epoch may be partial)."""
+    def batch_orders(self, nb_samples: int, seed: int, removed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Sample indices of every step ``(epochs, steps, batch_size)`` (a fresh permutation per epoch)
+        and the mask of the samples used (the last batch of an epoch may be partial; sample
+        ``removed``, if given, is masked out wherever it falls, leaving every other batch unchanged)."""
         rng = np.random.default_rng(seed)
         steps = -(-nb_samples // self.batch_size)
         padded = steps * self.batch_size
@@ -191,8 +204,21 @@ class SGDTrainingProcedure(TrainingProcedure):
         for epoch in range(self.epochs):
             orders[epoch, :nb_samples] = rng.permutation(nb_samples)
             masks[epoch, :nb_samples] = 1.0
+        if removed is not None:
+            masks[orders == removed] = 0.0
         shape = (self.epochs, steps, self.batch_size)
         return orders.reshape(shape), masks.reshape(shape)
+
+    def train_without(self, x_train, y_train, index, x_test, y_test, seed) -> TrainedModel:
+        """Leave-one-out with common random numbers: the same initial weights, batches and dropout as
+        ``train(x_train, y_train, …, seed)``, sample ``index`` masked out of the one batch per epoch
+        that holds it."""
+        if not 0 <= int(index) < len(x_train):
+            raise ValueError(f"index must be a training-sample index in 0 … {len(x_train) - 1}, got {index!r}.")
+        trained = self._fit(x_train, y_train, x_test, y_test, seed, None, int(index))
+        keep = np.arange(len(x_train)) != int(index)
+        trained.train_accuracy = _accuracy(trained.model, x_train[keep], y_train[keep])
+        return trained
 
     def train(self, x_train, y_train, x_test, y_test, seed, checkpoint_directory=None) -> TrainedModel:
         """Train from seed ``seed`` (initial weights, batch order and dropout all follow from it).
@@ -201,6 +227,9 @@ class SGDTrainingProcedure(TrainingProcedure):
         reused by every model of a ground-truth run); the update is Keras' SGD
         (``v ← μ v − η g``, ``w ← w + v``) on the mean loss of the batch plus the L2 penalty.
         """
+        return self._fit(x_train, y_train, x_test, y_test, seed, checkpoint_directory, None)
+
+    def _fit(self, x_train, y_train, x_test, y_test, seed, checkpoint_directory, removed) -> TrainedModel:
         keras.utils.set_random_seed(seed)
         model = self.build_model(tuple(x_train.shape[1:]), int(y_train.shape[1]))
         model.compile(optimizer=keras.optimizers.SGD(self.learning_rate, momentum=self.momentum))
@@ -215,7 +244,7 @@ class SGDTrainingProcedure(TrainingProcedure):
         y = tf.constant(np.asarray(y_train, np.float32))
         weights = [tf.constant(value) for value in model.get_weights()]
         velocities = [tf.zeros_like(value) for value in weights]
-        orders, masks = self.batch_orders(len(x_train), seed)
+        orders, masks = self.batch_orders(len(x_train), seed, removed)
         settings = (len(self.hidden_units), self.output_bias, float(self.dropout))
         hyper = tf.constant([self.learning_rate, self.momentum, self.weight_decay], tf.float32)
         for epoch in range(self.epochs):
@@ -259,7 +288,7 @@ def _sgd_epoch(weights, velocities, x, y, orders, masks, hyper, seed, nb_hidden,
             step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(step, tf.int64))
             logits = _logits(weights, batch_x, nb_hidden, output_bias, dropout, step_seed)
             losses = tf.nn.softmax_cross_entropy_with_logits(batch_y, logits)
-            loss = tf.reduce_sum(losses * mask) / tf.reduce_sum(mask)
+            loss = tf.reduce_sum(losses * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
             loss += weight_decay * tf.add_n([tf.reduce_sum(tf.square(weights[index])) for index in kernels])
         gradients = tape.gradient(loss, weights)
         velocities = [momentum * velocity - learning_rate * gradient for velocity, gradient in zip(velocities, gradients)]

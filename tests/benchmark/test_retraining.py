@@ -169,11 +169,17 @@ def test_store_resumes_after_sigkill_and_refuses_another_setup(tmp_path):
         retrain_on_subsets(procedure, other, SubsetRetraining(nb_subsets=8), str(store))
 
 
-def numpy_sgd(procedure, weights, x, y, seed):
-    """Mini-batch SGD with momentum on softmax regression, float64, the procedure's batch orders."""
+def numpy_sgd(procedure, weights, x, y, seed, removed=None):
+    """Mini-batch SGD with momentum on softmax regression, float64, the procedure's batch orders
+    (sample ``removed`` dropped from the batch that holds it)."""
     kernel, bias = (np.asarray(w, np.float64) for w in weights)
     velocity_kernel, velocity_bias = np.zeros_like(kernel), np.zeros_like(bias)
-    orders, masks = procedure.batch_orders(len(x), seed)
+    orders, _ = procedure.batch_orders(len(x), seed)
+    masks = np.ones(orders.shape)
+    positions = np.arange(orders.shape[0] * orders.shape[1] * orders.shape[2]).reshape(orders.shape)
+    masks[positions % (orders.shape[1] * orders.shape[2]) >= len(x)] = 0.0  # padding of the last batch
+    if removed is not None:
+        masks[orders == removed] = 0.0
     for order, mask in zip(orders.reshape(-1, procedure.batch_size), masks.reshape(-1, procedure.batch_size)):
         batch_x, batch_y = x[order].astype(np.float64), y[order]
         logits = batch_x @ kernel + bias
@@ -206,6 +212,13 @@ def test_sgd_procedure_matches_numpy_sgd(momentum, weight_decay):
     assert trained.train_accuracy == pytest.approx(np.mean(predicted == y.argmax(axis=1)))
     again = procedure.train(x, y, x[:5], y[:5], seed=4)
     np.testing.assert_array_equal(again.model.get_weights()[0], trained.model.get_weights()[0])
+    # Leave-one-out keeps the initialization and every batch, minus the one sample.
+    without = procedure.train_without(x, y, 11, x[:5], y[:5], seed=4)
+    kernel, bias = numpy_sgd(procedure, initial, x, y, seed=4, removed=11)
+    np.testing.assert_allclose(without.model.layers[-1].kernel.numpy(), kernel, atol=1e-5)
+    np.testing.assert_allclose(without.model.layers[-1].bias.numpy(), bias, atol=1e-5)
+    with pytest.raises(ValueError, match="index must be"):
+        procedure.train_without(x, y, 70, x[:5], y[:5], seed=4)
 
 
 def test_sgd_procedure_saves_tracin_checkpoints(tmp_path):
