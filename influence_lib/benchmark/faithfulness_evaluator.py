@@ -142,6 +142,7 @@ class FaithfulnessEvaluator:
         self._ground_truth: SubsetGroundTruth | None = None
         self._ceiling: NoiseCeiling | None = None
         self._loo: LeaveOneOutGroundTruth | None = None
+        self.model_accuracy: tuple[float, float] | None = None
 
     def _store(self, name: str) -> str | None:
         return None if self.store_path is None else os.path.join(self.store_path, name)
@@ -220,6 +221,7 @@ class FaithfulnessEvaluator:
         results = {}
         with tempfile.TemporaryDirectory(prefix="influence_faithfulness_") as scratch:
             trained = self.train_model(scratch if needs_checkpoints else None)
+            self.model_accuracy = (trained.train_accuracy, trained.test_accuracy)
             for name, factory in progress(factories.items(), self.show_progress, "Methods", len(factories)):
                 results[name] = self._evaluate_method(name, factory, trained, train_set, test_set, ground_truth, loo)
         return results
@@ -241,7 +243,8 @@ class FaithfulnessEvaluator:
         return FaithfulnessResult(name, lds, loo_summary, seconds)
 
     def config(self) -> dict:
-        """The benchmark settings, as stored with the results."""
+        """The benchmark settings, as stored with the results (with the explained model's train and
+        test accuracy once :meth:`evaluate` has trained it)."""
         return {
             "nb_train": int(len(self.data.x_train)),
             "nb_test": int(len(self.data.x_test)),
@@ -250,4 +253,5 @@ class FaithfulnessEvaluator:
             "nb_loo": self.nb_loo,
             "influence_batch_size": self.influence_batch_size,
             "training_procedure": repr(self.training_procedure),
+            "model_train_test_accuracy": self.model_accuracy,
         }
