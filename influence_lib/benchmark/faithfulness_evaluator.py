@@ -15,7 +15,10 @@ MNIST-10 settings):
    :func:`~influence_lib.benchmark.faithfulness.loo_correlation`.
 
 A method that fails on the model (e.g. RPS-LJE on a last layer with a bias) is reported with its
-error instead of a score; the other methods still run.
+error instead of a score; the other methods still run. With a store, each method's attribution
+matrix is also cached (float32, keyed by the factory's settings and a hash of the explained
+model's weights), so a killed run resumes after the last finished method and a re-run with more
+ground truth (e.g. leave-one-out added) re-scores without recomputing.
 """
 import dataclasses
 import os
@@ -29,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.progress import progress
+from ..common.storage import ShardStore, digest, fingerprint_variables
 from .factories import MethodFactory
 from .faithfulness import (
     CorrelationSummary,
@@ -39,7 +43,13 @@ from .faithfulness import (
     loo_correlation,
     noise_ceiling,
 )
-from .retraining import RetrainingData, SubsetRetraining, retrain_leave_one_out, retrain_on_subsets
+from .retraining import (
+    RetrainingData,
+    SubsetRetraining,
+    procedure_settings,
+    retrain_leave_one_out,
+    retrain_on_subsets,
+)
 from .training import TrainedModel, TrainingProcedure
 
 CEILING_SEED_OFFSET = 1_000_000
@@ -222,20 +232,51 @@ class FaithfulnessEvaluator:
         with tempfile.TemporaryDirectory(prefix="influence_faithfulness_") as scratch:
             trained = self.train_model(scratch if needs_checkpoints else None)
             self.model_accuracy = (trained.train_accuracy, trained.test_accuracy)
+            cache = self._attribution_cache()
+            model_hash = fingerprint_variables(trained.model.weights)
             for name, factory in progress(factories.items(), self.show_progress, "Methods", len(factories)):
-                results[name] = self._evaluate_method(name, factory, trained, train_set, test_set, ground_truth, loo)
+                key = "method_" + digest({"factory": repr(factory), "model": model_hash})[:32]
+                results[name] = self._evaluate_method(
+                    name, factory, trained, train_set, test_set, ground_truth, loo, cache, key
+                )
         return results
 
-    def _evaluate_method(self, name, factory, trained, train_set, test_set, ground_truth, loo) -> FaithfulnessResult:
+    def _attribution_cache(self) -> ShardStore | None:
+        """Attributions already computed, keyed by the factory's settings and the explained model's weights."""
+        if self.store_path is None:
+            return None
+        fingerprint = {
+            "kind": "attributions",
+            "data": self.data.fingerprint(),
+            "procedure": procedure_settings(self.training_procedure),
+            "training_seed": self.setup.training_seed,
+            "measurement": self.setup.measurement,
+            "influence_batch_size": self.influence_batch_size,
+        }
+        return ShardStore(os.path.join(self.store_path, "attributions"), fingerprint, what="attribution cache")
+
+    def _attributions(self, factory, trained, train_set, test_set, cache, key) -> tuple[np.ndarray, float]:
+        if cache is not None and cache.has(key):
+            stored = cache.read(key)
+            return stored["scores"].astype(np.float64), float(stored["seconds"])
         start = time.perf_counter()
-        try:
-            scores = factory.attribute(trained, train_set, test_set, self.setup.measurement)
-        except (ValueError, TypeError, NotImplementedError) as error:
-            return FaithfulnessResult(name, None, None, time.perf_counter() - start, f"{type(error).__name__}: {error}")
+        scores = np.asarray(factory.attribute(trained, train_set, test_set, self.setup.measurement), np.float64)
         seconds = time.perf_counter() - start
         expected = (len(self.data.x_test), len(self.data.x_train))
-        if np.shape(scores) != expected:
-            raise ValueError(f"Method {name!r} returned attributions of shape {np.shape(scores)}, expected {expected}.")
+        if scores.shape != expected:
+            raise RuntimeError(f"{type(factory).__name__} returned attributions of shape {scores.shape}, expected {expected}.")
+        if cache is not None and np.isfinite(scores).all():
+            cache.write(key, scores=scores.astype(np.float32), seconds=np.float64(seconds))
+        return scores, seconds
+
+    def _evaluate_method(
+        self, name, factory, trained, train_set, test_set, ground_truth, loo, cache=None, key=None
+    ) -> FaithfulnessResult:
+        start = time.perf_counter()
+        try:
+            scores, seconds = self._attributions(factory, trained, train_set, test_set, cache, key)
+        except (ValueError, TypeError, NotImplementedError) as error:
+            return FaithfulnessResult(name, None, None, time.perf_counter() - start, f"{type(error).__name__}: {error}")
         if not np.isfinite(scores).all():
             return FaithfulnessResult(name, None, None, seconds, "FloatingPointError: non-finite attributions")
         lds = linear_datamodeling_score(scores, ground_truth)

@@ -127,6 +127,10 @@ def test_tiny_end_to_end_lds_on_digits(tmp_path):
         store_path=str(tmp_path / "store"), show_progress=False,
     )
     np.testing.assert_array_equal(again.ground_truth().measurements, evaluator.ground_truth().measurements)
+    # ... and the attributions are read back from the cache (same seconds, same LDS up to float32 storage).
+    cached = again.evaluate({"tracin": METHODS["tracin"]})["tracin"]
+    assert cached.seconds == results["tracin"].seconds
+    assert cached.lds.mean == pytest.approx(results["tracin"].lds.mean, abs=1e-3)
 
 
 def test_evaluator_checks_its_arguments():
