@@ -250,15 +250,10 @@ class RepresenterL2Factory(CalculatorFactory):
     epochs: int = 100
 
     def build(self, trained, train_set, measurement=None) -> RepresenterPointL2:
-        if trained.loss_function is not None:
-            raise ValueError(
-                "RPS-L2 fits its surrogate to softmax probabilities; this model was trained with its own loss "
-                "(e.g. on logits). Use a softmax-output model or another method."
-            )
         return RepresenterPointL2(
             trained.model,
             train_set,
-            keras.losses.CategoricalCrossentropy(reduction=None),
+            trained.loss_function or keras.losses.CategoricalCrossentropy(reduction=None),
             self.lambda_regularization,
             epochs=self.epochs,
             show_progress=False,
