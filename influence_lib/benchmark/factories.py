@@ -88,8 +88,10 @@ class MethodFactory(ABC):
         )
 
 
-def _influence_model(trained: TrainedModel, start_layer=None) -> InfluenceModel:
-    return InfluenceModel(trained.model, start_layer=start_layer, loss_function=trained.loss_function)
+def _influence_model(trained: TrainedModel, start_layer=None, last_layer=None) -> InfluenceModel:
+    return InfluenceModel(
+        trained.model, start_layer=start_layer, last_layer=last_layer, loss_function=trained.loss_function
+    )
 
 
 class CalculatorFactory(MethodFactory):
@@ -127,8 +129,9 @@ class FirstOrderFactory(CalculatorFactory):
         ``'exact'``, ``'cgd'`` or ``'lissa'``.
     damping
         λ of ``(H + λI)⁻¹``; 0 takes the pseudo-inverse (exact only).
-    start_layer
-        First watched layer (None: the last layer with weights).
+    start_layer, last_layer
+        First and last watched layers (None: the last layer with weights; ``start_layer=0,
+        last_layer=-1`` watches every layer).
     n_opt_iters
         Iterations of CG / LiSSA.
     lissa_scale
@@ -146,6 +149,7 @@ class FirstOrderFactory(CalculatorFactory):
     ihvp: str = "exact"
     damping: float = 0.0
     start_layer: int | str | None = None
+    last_layer: int | str | None = None
     n_opt_iters: int = 100
     lissa_scale: float = 10.0
     n_samples_for_hessian: int | None = None
@@ -175,7 +179,7 @@ class FirstOrderFactory(CalculatorFactory):
         return factories[self.ihvp]
 
     def build(self, trained, train_set, measurement=None) -> FirstOrderInfluenceCalculator:
-        model = _influence_model(trained, self.start_layer)
+        model = _influence_model(trained, self.start_layer, self.last_layer)
         hessian_set = hessian_subset(train_set, self.n_samples_for_hessian, 10000, trained.seed)
         ihvp = self._exact_ihvp(model, hessian_set) if self.ihvp == "exact" else self._ihvp_factory().build(model, hessian_set)
         return FirstOrderInfluenceCalculator(
@@ -196,17 +200,18 @@ class ArnoldiFactory(CalculatorFactory):
         Eigenvalues kept (None: all), capped at the subspace dimension.
     damping
         δ added to the kept eigenvalues.
-    start_layer
-        First watched layer (None: the last layer with weights).
+    start_layer, last_layer
+        First and last watched layers (None: the last layer with weights).
     """
 
     subspace_dim: int = 200
     k_largest_eig_vals: int | None = 100
     damping: float = 0.0
     start_layer: int | str | None = None
+    last_layer: int | str | None = None
 
     def build(self, trained, train_set, measurement=None) -> ArnoldiInfluenceCalculator:
-        model = _influence_model(trained, self.start_layer)
+        model = _influence_model(trained, self.start_layer, self.last_layer)
         subspace_dim = min(self.subspace_dim, model.nb_params)
         kept = None if self.k_largest_eig_vals is None else min(self.k_largest_eig_vals, subspace_dim)
         return ArnoldiInfluenceCalculator(
@@ -223,17 +228,19 @@ class ArnoldiFactory(CalculatorFactory):
 
 @dataclass(frozen=True)
 class TracInFactory(CalculatorFactory):
-    """TracInCP over the checkpoints saved during training (Pruthi et al. 2020)."""
+    """TracInCP over the checkpoints saved during training (Pruthi et al. 2020), on the layers from
+    ``start_layer`` to ``last_layer`` (None: the last layer with weights)."""
 
     needs_checkpoints = True
     start_layer: int | str | None = None
+    last_layer: int | str | None = None
 
     def build(self, trained, train_set, measurement=None) -> TracIn:
         if trained.checkpoint_callback is None:
             raise ValueError("TracIn needs the checkpoints of training: train with a checkpoint_directory.")
         return TracIn.from_callback(
             trained.checkpoint_callback, show_progress=False, measurement=measurement, start_layer=self.start_layer,
-            loss_function=trained.loss_function,
+            last_layer=self.last_layer, loss_function=trained.loss_function,
         )
 
 
