@@ -30,11 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         "rank the training samples with each method, report ROC-AUC, detection curves and time. "
         "The faithfulness benchmark (LDS, leave-one-out) is the subcommand 'lds': influence-benchmark lds --help.",
     )
-    parser.add_argument("--dataset", default="digits", help="digits (offline, default), fashion_mnist, mnist or cifar10")
+    parser.add_argument(
+        "--dataset", default="digits", help="digits (offline, default), fashion_mnist, mnist or cifar10"
+    )
     parser.add_argument(
         "--data-path", default=None, help="local directory of the dataset files (fashion_mnist, mnist, cifar10)"
     )
-    parser.add_argument("--noise", type=open_fraction, default=0.1, help="fraction of training labels flipped (default 0.1)")
+    parser.add_argument(
+        "--noise", type=open_fraction, default=0.1, help="fraction of training labels flipped (default 0.1)"
+    )
     parser.add_argument("--methods", default="all", help="'all' or a comma-separated list of method names")
     parser.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (trainings) to average over")
     parser.add_argument("--first-seed", type=non_negative_int, default=0, help="first seed (default 0)")
@@ -45,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--n-train", type=positive_int, default=None, help="use a random subset of this many training samples"
     )
-    parser.add_argument("--n-test", type=positive_int, default=None, help="use a random subset of this many test samples")
+    parser.add_argument(
+        "--n-test", type=positive_int, default=None, help="use a random subset of this many test samples"
+    )
     parser.add_argument("--list-methods", action="store_true", help="list the method names and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -76,7 +76,9 @@ def widths(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 128,64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers such as 128,64, got {text!r}"
+        ) from None
     if any(value < 1 for value in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 128,64, got {text!r}")
     return values

@@ -191,7 +191,8 @@ class MislabelingDetectorEvaluator:
             raise TypeError(f"config must be a dict of settings, got {type(config).__name__}.")
         if influence_batch_size is None:
             influence_batch_size = train_batch_size
-        if not isinstance(training_procedure, TrainingProcedure) and callable(getattr(training_procedure, "train", None)):
+        is_influenciae_style = callable(getattr(training_procedure, "train", None))
+        if not isinstance(training_procedure, TrainingProcedure) and is_influenciae_style:
             training_procedure = InfluenciaeTrainingProcedure(training_procedure, train_batch_size, test_batch_size)
         if not isinstance(training_procedure, TrainingProcedure):
             raise TypeError(f"training_procedure must be a TrainingProcedure, got {type(training_procedure).__name__}.")

@@ -181,7 +181,10 @@ class FirstOrderFactory(CalculatorFactory):
     def build(self, trained, train_set, measurement=None) -> FirstOrderInfluenceCalculator:
         model = _influence_model(trained, self.start_layer, self.last_layer)
         hessian_set = hessian_subset(train_set, self.n_samples_for_hessian, 10000, trained.seed)
-        ihvp = self._exact_ihvp(model, hessian_set) if self.ihvp == "exact" else self._ihvp_factory().build(model, hessian_set)
+        if self.ihvp == "exact":
+            ihvp = self._exact_ihvp(model, hessian_set)
+        else:
+            ihvp = self._ihvp_factory().build(model, hessian_set)
         return FirstOrderInfluenceCalculator(
             model, hessian_set, ihvp, normalize=self.normalize, show_progress=False, measurement=measurement,
         )
@@ -451,7 +454,9 @@ def configure(factories: Mapping[str, MethodFactory], settings: Mapping[str, obj
         if method and method not in configured:
             raise ValueError(f"Setting {key!r} names method {method!r}, which is not among {list(configured)}.")
         if not targets or (method and field not in method_fields(configured[method])):
-            available = sorted({f"{name}.{name_field}" for name in configured for name_field in method_fields(configured[name])})
+            available = sorted(
+                {f"{name}.{name_field}" for name in configured for name_field in method_fields(configured[name])}
+            )
             raise ValueError(f"No chosen method has a field {field!r} (setting {key!r}); fields: {available}.")
         for name in targets:
             current = method_fields(configured[name])[field]

@@ -183,7 +183,9 @@ def linear_datamodeling_score(scores, ground_truth: SubsetGroundTruth) -> Correl
     """
     masks = np.asarray(ground_truth.masks)
     if masks.ndim != 2 or masks.dtype != bool:
-        raise ValueError(f"ground_truth.masks must be a boolean array (subsets, n_train), got {masks.dtype} {masks.shape}.")
+        raise ValueError(
+            f"ground_truth.masks must be a boolean array (subsets, n_train), got {masks.dtype} {masks.shape}."
+        )
     nb_subsets, nb_train = masks.shape
     _check_enough(nb_subsets, "subsets")
     measurements = _check_matrix(ground_truth.measurements, "ground_truth.measurements", (nb_subsets, None))
@@ -211,7 +213,9 @@ def loo_correlation(scores, ground_truth: LeaveOneOutGroundTruth) -> dict[str, C
     """
     removed = np.asarray(ground_truth.removed)
     if removed.ndim != 1 or not np.issubdtype(removed.dtype, np.integer):
-        raise ValueError(f"ground_truth.removed must be a 1-D array of training indices, got {removed.dtype} {removed.shape}.")
+        raise ValueError(
+            f"ground_truth.removed must be a 1-D array of training indices, got {removed.dtype} {removed.shape}."
+        )
     _check_enough(removed.size, "removed training samples")
     changes = _check_matrix(ground_truth.changes, "ground_truth.changes", (removed.size, None))
     scores = _check_matrix(scores, "scores", (changes.shape[1], None))

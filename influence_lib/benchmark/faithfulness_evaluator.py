@@ -264,7 +264,9 @@ class FaithfulnessEvaluator:
         seconds = time.perf_counter() - start
         expected = (len(self.data.x_test), len(self.data.x_train))
         if scores.shape != expected:
-            raise RuntimeError(f"{type(factory).__name__} returned attributions of shape {scores.shape}, expected {expected}.")
+            raise RuntimeError(
+                f"{type(factory).__name__} returned attributions of shape {scores.shape}, expected {expected}."
+            )
         if cache is not None and np.isfinite(scores).all():
             cache.write(key, scores=scores.astype(np.float32), seconds=np.float64(seconds))
         return scores, seconds

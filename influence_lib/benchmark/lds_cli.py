@@ -157,7 +157,8 @@ def run(arguments: argparse.Namespace) -> dict:
     ceiling = evaluator.noise_ceiling()
     description = (
         f"{source.name}: {len(data.x_train)} train / {len(data.x_test)} test, {arguments.model}"
-        f"{' ' + str(procedure.hidden_units) if procedure.hidden_units else ''} ({procedure.epochs} epochs, SGD lr {procedure.learning_rate}, momentum "
+        f"{' ' + str(procedure.hidden_units) if procedure.hidden_units else ''} ({procedure.epochs} epochs, "
+        f"SGD lr {procedure.learning_rate}, momentum "
         f"{procedure.momentum}); LDS over {arguments.subsets} models on α={arguments.alpha} subsets, measurement "
         f"{arguments.measurement}" + (f", LOO over {arguments.loo} samples" if arguments.loo else "")
     )

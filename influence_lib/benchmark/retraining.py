@@ -78,7 +78,9 @@ def check_measurement(measurement: str) -> str:
     return measurement
 
 
-def measure(trained: TrainedModel, x: np.ndarray, y: np.ndarray, measurement: str, batch_size: int = 1024) -> np.ndarray:
+def measure(
+    trained: TrainedModel, x: np.ndarray, y: np.ndarray, measurement: str, batch_size: int = 1024
+) -> np.ndarray:
     """The measurement (``'margin'`` or ``'loss'``) of every sample under the trained model, float64 ``(m,)``.
 
     The loss is the unreduced loss the model was trained with (``trained.loss_function``, by
@@ -98,7 +100,7 @@ def measure(trained: TrainedModel, x: np.ndarray, y: np.ndarray, measurement: st
 
 
 def subset_masks(nb_train: int, alpha: float, nb_subsets: int, seed: int) -> np.ndarray:
-    """``nb_subsets`` random subsets of exactly ``round(α·n)`` of ``n`` training samples, as boolean masks ``(M, n)``."""
+    """``nb_subsets`` random subsets of exactly ``round(α·n)`` of ``n`` training samples, as masks ``(M, n)``."""
     size = int(round(alpha * nb_train))
     if not 0 < size < nb_train:
         raise ValueError(f"alpha={alpha} gives subsets of {size} of {nb_train} samples; choose alpha in (0, 1).")
@@ -136,7 +138,9 @@ class SubsetRetraining:
 
     def __post_init__(self):
         if isinstance(self.nb_subsets, bool) or not isinstance(self.nb_subsets, int) or self.nb_subsets < 3:
-            raise ValueError(f"nb_subsets must be an integer ≥ 3 (a rank correlation needs 3 points), got {self.nb_subsets!r}.")
+            raise ValueError(
+                f"nb_subsets must be an integer ≥ 3 (a rank correlation needs 3 points), got {self.nb_subsets!r}."
+            )
         if not 0.0 < float(self.alpha) < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha!r}.")
         check_measurement(self.measurement)
@@ -204,7 +208,9 @@ def retrain_on_subsets(
             missing.append(index)
     for index in progress(missing, show_progress, "Retraining models on subsets", len(missing)):
         seed = setup.training_seed + index
-        values, train_accuracy, test_accuracy = _train_and_measure(procedure, data, masks[index], seed, setup.measurement)
+        values, train_accuracy, test_accuracy = _train_and_measure(
+            procedure, data, masks[index], seed, setup.measurement
+        )
         rows[index] = values
         if store is not None:
             store.write(
@@ -229,7 +235,8 @@ def retrain_leave_one_out(
 
     The models without a sample come from :meth:`TrainingProcedure.train_without`, which keeps
     everything else as in the full training where the procedure allows it (common random
-    numbers: for :class:`~influence_lib.benchmark.training.SGDTrainingProcedure`, the same initialization, batches and dropout).
+    numbers: for :class:`~influence_lib.benchmark.training.SGDTrainingProcedure`, the same
+    initialization, batches and dropout).
 
     Returns
     -------

@@ -263,7 +263,7 @@ class SGDTrainingProcedure(TrainingProcedure):
 
 
 def _logits(weights, inputs, nb_hidden: int, output_bias: bool, dropout: float, seed) -> tf.Tensor:
-    """Forward pass of :meth:`SGDTrainingProcedure.build_model` on its weight list (dropout on when ``seed`` is given)."""
+    """Forward pass of :meth:`SGDTrainingProcedure.build_model` on its weight list (dropout on with a ``seed``)."""
     hidden = inputs
     for layer in range(nb_hidden):
         hidden = tf.nn.relu(tf.matmul(hidden, weights[2 * layer]) + weights[2 * layer + 1])
@@ -291,7 +291,7 @@ def _sgd_epoch(weights, velocities, x, y, orders, masks, hyper, seed, nb_hidden,
             loss = tf.reduce_sum(losses * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
             loss += weight_decay * tf.add_n([tf.reduce_sum(tf.square(weights[index])) for index in kernels])
         gradients = tape.gradient(loss, weights)
-        velocities = [momentum * velocity - learning_rate * gradient for velocity, gradient in zip(velocities, gradients)]
+        velocities = [momentum * velocity - learning_rate * grad for velocity, grad in zip(velocities, gradients)]
         return step + 1, [weight + velocity for weight, velocity in zip(weights, velocities)], velocities
 
     _, weights, velocities = tf.while_loop(
@@ -347,7 +347,8 @@ class InfluenciaeTrainingProcedure(TrainingProcedure):
                              "TrainingProcedure (e.g. MLPTrainingProcedure) for TracIn.")
         keras.utils.set_random_seed(seed)
         train_accuracy, test_accuracy, model, _ = self.procedure.train(
-            tf.data.Dataset.from_tensor_slices((x_train, y_train)), tf.data.Dataset.from_tensor_slices((x_test, y_test)),
+            tf.data.Dataset.from_tensor_slices((x_train, y_train)),
+            tf.data.Dataset.from_tensor_slices((x_test, y_test)),
             self.train_batch_size, self.test_batch_size, log_path=None,
         )
         return TrainedModel(model, float(train_accuracy), float(test_accuracy), seed, loss_function=self.loss_function)

@@ -31,7 +31,8 @@ def test_lds_of_the_planted_linear_datamodel_is_one():
     np.testing.assert_allclose(result.per_sample, 1.0, atol=1e-12)
     assert result.standard_error == pytest.approx(0.0, abs=1e-12) and result.nb_undefined == 0
     # A rank correlation: any increasing transform of the measurements keeps LDS = 1, a sign flip gives −1.
-    assert linear_datamodeling_score(weights, SubsetGroundTruth(masks, np.exp(measurements / 10))).mean == pytest.approx(1.0)
+    transformed = SubsetGroundTruth(masks, np.exp(measurements / 10))
+    assert linear_datamodeling_score(weights, transformed).mean == pytest.approx(1.0)
     assert linear_datamodeling_score(-weights, SubsetGroundTruth(masks, measurements)).mean == pytest.approx(-1.0)
 
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from reference_math import softmax, softmax_gradients, softmax_hessian, softmax_regression
+from reference_math import softmax_gradients, softmax_hessian, softmax_regression
 
 from influence_lib.benchmark.factories import (
     METHODS,
@@ -65,7 +65,8 @@ def test_only_pairwise_methods_attribute():
 
 def test_configure_and_sweep_set_hyper_parameters():
     factories = resolve_methods("first_order_exact,first_order_cg,tracin,random")
-    configured = configure(factories, dict([parse_setting("damping=1e-3"), parse_setting("first_order_cg.n_opt_iters=7")]))
+    settings = dict([parse_setting("damping=1e-3"), parse_setting("first_order_cg.n_opt_iters=7")])
+    configured = configure(factories, settings)
     assert configured["first_order_exact"].damping == 1e-3 and configured["first_order_cg"].damping == 1e-3
     assert configured["first_order_cg"].n_opt_iters == 7 and factories["first_order_cg"].n_opt_iters == 30
     assert configure(factories, {"first_order_cg.n_opt_iters": 50.0})["first_order_cg"].n_opt_iters == 50

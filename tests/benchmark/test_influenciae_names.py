@@ -108,8 +108,9 @@ def test_representer_factory_names_map_their_arguments():
                               keras.layers.Dense(3, activation="softmax", use_bias=False)])
     train_set = tf.data.Dataset.from_tensor_slices((x, y)).batch(10)
     trained = TrainedModel(model, 0.0, 0.0, seed=0)
-    direct = RepresenterPointLJE(InfluenceModel(model, start_layer=-1), train_set, ExactIHVPFactory(show_progress=False),
-                                 show_progress=False)
+    direct = RepresenterPointLJE(
+        InfluenceModel(model, start_layer=-1), train_set, ExactIHVPFactory(show_progress=False), show_progress=False
+    )
     expected = np.concatenate([v.numpy() for _, v in direct.compute_influence_values(train_set)])
     np.testing.assert_allclose(RPSLJEFactory("exact").score(trained, train_set), expected, rtol=1e-5)
     loss = keras.losses.CategoricalCrossentropy(reduction=None)

@@ -38,7 +38,8 @@ PROCEDURE_SOURCE = textwrap.dedent('''
             with open(self.log_path, "a") as log:
                 log.write(f"{seed}\\n")
             features = np.hstack([x_train, np.ones((len(x_train), 1))]).astype(np.float64)
-            solution = np.linalg.solve(features.T @ features + self.ridge * np.eye(features.shape[1]), features.T @ y_train)
+            gram = features.T @ features + self.ridge * np.eye(features.shape[1])
+            solution = np.linalg.solve(gram, features.T @ y_train)
             model = keras.Sequential([keras.Input((x_train.shape[1],)), keras.layers.Dense(y_train.shape[1])])
             model.layers[-1].set_weights([solution[:-1].astype(np.float32), solution[-1].astype(np.float32)])
             loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
@@ -82,7 +83,8 @@ def test_measure_margin_and_loss_match_numpy(tmp_path):
     trained = RidgeProcedure(str(tmp_path / "log")).train(data.x_train, data.y_train, data.x_test, data.y_test, 0)
     logits = ridge_logits(data.x_train, data.y_train, data.x_test)
     labels = data.y_test.argmax(axis=1)
-    np.testing.assert_allclose(measure(trained, data.x_test, data.y_test, "margin"), numpy_margin(logits, labels), atol=1e-4)
+    margins = measure(trained, data.x_test, data.y_test, "margin")
+    np.testing.assert_allclose(margins, numpy_margin(logits, labels), atol=1e-4)
     shifted = logits - logits.max(axis=1, keepdims=True)
     loss = -(shifted[np.arange(len(labels)), labels] - np.log(np.exp(shifted).sum(axis=1)))
     np.testing.assert_allclose(measure(trained, data.x_test, data.y_test, "loss"), loss, atol=1e-4)
@@ -102,7 +104,8 @@ def test_subset_masks_have_exact_sizes_and_are_reproducible():
 def test_subset_ground_truth_matches_retraining_by_hand(tmp_path):
     RidgeProcedure, make_data = load_helpers()
     data = make_data()
-    truth = retrain_on_subsets(RidgeProcedure(str(tmp_path / "log")), data, SubsetRetraining(nb_subsets=4), show_progress=False)
+    procedure = RidgeProcedure(str(tmp_path / "log"))
+    truth = retrain_on_subsets(procedure, data, SubsetRetraining(nb_subsets=4), show_progress=False)
     labels = data.y_test.argmax(axis=1)
     for mask, row in zip(truth.masks, truth.measurements):
         expected = numpy_margin(ridge_logits(data.x_train[mask], data.y_train[mask], data.x_test), labels)
@@ -147,7 +150,9 @@ def test_store_resumes_after_sigkill_and_refuses_another_setup(tmp_path):
     assert stored in (trained_before - 1, trained_before)  # the model in flight may not be stored
 
     procedure = RidgeProcedure(str(log))
-    resumed = retrain_on_subsets(procedure, make_data(), SubsetRetraining(nb_subsets=8), str(store), show_progress=False)
+    resumed = retrain_on_subsets(
+        procedure, make_data(), SubsetRetraining(nb_subsets=8), str(store), show_progress=False
+    )
     assert len(log_lines(log)) - trained_before == 8 - stored  # only the missing models were trained
     fresh = retrain_on_subsets(RidgeProcedure(str(tmp_path / "other_log")), make_data(), SubsetRetraining(nb_subsets=8),
                                show_progress=False)
