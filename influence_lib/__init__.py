@@ -4,7 +4,7 @@ The pipeline is visible in the sub-packages: ``model`` (which weights are watche
 gradients), ``curvature`` (Hessian operator and inverse-Hessian-vector products), ``influence``
 (the calculators that turn gradients and curvature into scores).
 """
-from .common import CACHE, ORDER, NonFiniteError, SingularHessianError, StreamingTopK, TopK
+from .common import CACHE, ORDER, DataParallel, NonFiniteError, SingularHessianError, StreamingTopK, TopK, using_strategy
 from .curvature import (
     ArnoldiIHVP,
     ArnoldiIHVPFactory,
@@ -47,6 +47,7 @@ __all__ = [
     "ArnoldiInfluenceCalculator",
     "BaseInfluenceCalculator",
     "CGDIHVPFactory",
+    "DataParallel",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
@@ -74,4 +75,5 @@ __all__ = [
     "default_process_batch",
     "extract_only_values",
     "gauss_newton_hessian",
+    "using_strategy",
 ]

@@ -24,6 +24,7 @@ from itertools import zip_longest
 
 import tensorflow as tf
 
+from ..common.distribute import data_parallel
 from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches, size_of
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
@@ -83,9 +84,12 @@ class SelfInfluenceCalculator(ABC):
     """Base of every calculator: self-influence scores and their streaming top-k.
 
     Subclasses set ``self.show_progress`` and implement ``_compute_influence_value_from_batch``.
+    Every per-batch hook runs data-parallel over the replicas of ``self.strategy`` (or of the
+    ``tf.distribute`` strategy in scope when it is None): see :mod:`influence_lib.common.distribute`.
     """
 
     show_progress: bool = True
+    strategy: "tf.distribute.Strategy | None" = None
 
     @abstractmethod
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
@@ -95,13 +99,14 @@ class SelfInfluenceCalculator(ABC):
         check_dataset(dataset, name)
 
     def _self_influence_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+        parallel = data_parallel(self.strategy)
         offset = 0
         batches = progress(
             iterate_batches(train_set, "train_set"), self.show_progress, "Self-influence", known_cardinality(train_set)
         )
         for batch in batches:
             with _located(offset):
-                values = tf.cast(_as_vector(self._compute_influence_value_from_batch(batch)), VALUE_DTYPE)
+                values = tf.cast(_as_vector(parallel.map_rows(self._compute_influence_value_from_batch, batch)), VALUE_DTYPE)
             yield batch, _check_finite(values, offset, "Self-influence values")
             offset += batch_size_of(batch)
 
@@ -164,6 +169,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         return {"calculator": type(self).__name__}
 
     def _influence_vector_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+        parallel = data_parallel(self.strategy)
         offset = 0
         batches = progress(
             iterate_batches(train_set, "train_set"),
@@ -173,7 +179,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         )
         for batch in batches:
             with _located(offset):
-                vectors = tf.cast(self._compute_influence_vector(batch), VALUE_DTYPE)
+                vectors = tf.cast(parallel.map_rows(self._compute_influence_vector, batch), VALUE_DTYPE)
             yield batch, _check_finite(vectors, offset, "Influence vectors")
             offset += batch_size_of(batch)
 
@@ -282,8 +288,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             return GeneratorDataset(generate, signature)
 
         def computed() -> Iterator[tuple[Batch, tf.data.Dataset]]:
+            parallel = data_parallel(self.strategy)
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
-                yield batch, values_for(self._preprocess_samples(batch))
+                yield batch, values_for(parallel.map_rows(self._preprocess_samples, batch))
 
         if save_influence_value_path is None:
             return InfluenceBatches(computed)
@@ -328,8 +335,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         )
 
         def generate():
+            parallel = data_parallel(self.strategy)
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
-                evaluated = self._preprocess_samples(batch)
+                evaluated = parallel.map_rows(self._preprocess_samples, batch)
                 best = StreamingTopK(k, order)
                 offset = 0
                 for train_batch, vectors in source():
