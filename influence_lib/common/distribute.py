@@ -23,6 +23,7 @@ influence-vector hook) runs it locally on its own shard: distribution never nest
 collectives of all workers always pair up.
 """
 import contextvars
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -207,6 +208,14 @@ def _all_sum(values):
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
+_instances: "weakref.WeakKeyDictionary[tf.distribute.Strategy, DataParallel]" = weakref.WeakKeyDictionary()
+
+
 def data_parallel(strategy: "tf.distribute.Strategy | None" = None) -> DataParallel:
-    """The :class:`DataParallel` of ``strategy`` (resolved with :func:`resolve_strategy`)."""
-    return DataParallel(strategy)
+    """The :class:`DataParallel` of ``strategy`` (resolved with :func:`resolve_strategy`), one per strategy:
+    its compiled collective steps are traced once per output structure and reused by every loop."""
+    strategy = resolve_strategy(strategy)
+    parallel = _instances.get(strategy)
+    if parallel is None:
+        parallel = _instances[strategy] = DataParallel(strategy)
+    return parallel

@@ -7,7 +7,8 @@ every calculator on the same tiny problems and saves their outputs:
   under the key ``single/NAME`` and with a ``MirroredStrategy`` over both under ``mirrored/NAME``.
 * ``single``: one device, keys ``single/NAME``.
 * ``multiworker``: one worker of a ``MultiWorkerMirroredStrategy`` (``TF_CONFIG`` set by the test);
-  the outputs go under ``multiworker/NAME``, and worker 0 adds the one-process outputs as ``single/NAME``.
+  the outputs of first-order, Arnoldi and TracIn go under ``multiworker/NAME``, and worker 0 adds
+  the same outputs computed in one process as ``single/NAME``.
 
 The training set has 29 samples in batches of 7 (shards of 3 and 4 rows, then a last batch of one
 row that leaves a replica without rows).
@@ -73,8 +74,12 @@ def _shard_rows(strategy: tf.distribute.Strategy | None, train: tf.data.Dataset)
     return np.array(rows)
 
 
-def compute(strategy: tf.distribute.Strategy | None) -> dict[str, np.ndarray]:
-    """Every output compared by the tests, computed under ``strategy`` (None: one device)."""
+def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = True) -> dict[str, np.ndarray]:
+    """The outputs compared by the tests, computed under ``strategy`` (None: one device).
+
+    ``every_calculator=False`` keeps first-order influence (exact Hessian, Gauss-Newton), Arnoldi and
+    TracIn: per-sample outputs, sums and the Arnoldi passes, with fewer TensorFlow traces.
+    """
     import influence_lib as il
     from influence_lib.curvature.factory import ExactIHVPFactory
 
@@ -82,41 +87,38 @@ def compute(strategy: tf.distribute.Strategy | None) -> dict[str, np.ndarray]:
     out = {"shard_rows": _shard_rows(strategy, train)}
     vectors = tf.constant(np.random.default_rng(3).normal(size=(3, model.nb_params)), tf.float32)
 
-    def calculator_outputs(name, calculator, pairwise=True):
+    def calculator_outputs(name, calculator):
         out[f"{name}/self"] = il.extract_only_values(calculator.compute_influence_values(train)).numpy()
         best = calculator.compute_top_k_from_training_dataset(train, K)
         out[f"{name}/self_top_k_values"], out[f"{name}/self_top_k_indices"] = best.values.numpy(), best.indices.numpy()
-        if pairwise:
-            out[f"{name}/pairwise"] = _pairwise(calculator.estimate_influence_values_in_batches(test, train))
-            out[f"{name}/top_k_values"], out[f"{name}/top_k_indices"] = _top_k(calculator.top_k(test, train, K))
+        out[f"{name}/pairwise"] = _pairwise(calculator.estimate_influence_values_in_batches(test, train))
+        out[f"{name}/top_k_values"], out[f"{name}/top_k_indices"] = _top_k(calculator.top_k(test, train, K))
 
     exact = il.FirstOrderInfluenceCalculator(model, train, "exact", show_progress=False, strategy=strategy)
     calculator_outputs("exact", exact)
     out["exact/hessian"] = exact.ihvp_calculator.hessian.numpy()
-    with il.using_strategy(strategy):
-        solver = il.ConjugateGradientDescentIHVP(model, train, n_opt_iters=60, damping=1e-2)
-    cg = il.FirstOrderInfluenceCalculator(model, train, solver, show_progress=False, strategy=strategy)
-    calculator_outputs("cg", cg)
-    out["cg/hvp"] = cg.ihvp_calculator.hvp(vectors).numpy()
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         arnoldi = il.ArnoldiInfluenceCalculator(model, train, subspace_dim=10, k_largest_eig_vals=6, show_progress=False)
         calculator_outputs("arnoldi", arnoldi)
         out["arnoldi/eigenvalues"] = arnoldi.eig_vals.numpy()
-    tracin = il.TracIn(checkpoints, [0.1, 0.05], show_progress=False, strategy=strategy)
-    calculator_outputs("tracin", tracin)
-    l2 = il.RepresenterPointL2(
-        deep, train, il.InfluenceModel(deep).loss_function, 0.1, show_progress=False, strategy=strategy
-    )
-    calculator_outputs("representer_l2", l2)
-    out["representer_l2/kernel"] = l2.kernel.numpy()
-    lje = il.RepresenterPointLJE(
-        il.InfluenceModel(deep), train, ExactIHVPFactory(damping=0.05, show_progress=False), show_progress=False,
-        strategy=strategy,
-    )
-    calculator_outputs("representer_lje", lje)
+    calculator_outputs("tracin", il.TracIn(checkpoints, [0.1, 0.05], show_progress=False, strategy=strategy))
     with il.using_strategy(strategy):
         out["gauss_newton/hessian"] = il.ExactIHVP(model, train, hessian="gauss_newton", show_progress=False).hessian.numpy()
+    if not every_calculator:
+        return out
+
+    with il.using_strategy(strategy):
+        solver = il.ConjugateGradientDescentIHVP(model, train, n_opt_iters=30, damping=1.0)
         out["lissa/ihvp"] = il.LissaIHVP(model, train, n_opt_iters=20, damping=0.1, scale=5.0).ihvp(vectors).numpy()
+    cg = il.FirstOrderInfluenceCalculator(model, train, solver, show_progress=False, strategy=strategy)
+    calculator_outputs("cg", cg)
+    out["cg/hvp"] = cg.ihvp_calculator.hvp(vectors).numpy()
+    l2 = il.RepresenterPointL2(deep, train, il.InfluenceModel(deep).loss_function, 0.1, show_progress=False, strategy=strategy)
+    calculator_outputs("representer_l2", l2)
+    out["representer_l2/kernel"] = l2.kernel.numpy()
+    lje_factory = ExactIHVPFactory(damping=0.05, show_progress=False)
+    lje = il.RepresenterPointLJE(il.InfluenceModel(deep), train, lje_factory, show_progress=False, strategy=strategy)
+    calculator_outputs("representer_lje", lje)
     return out
 
 
@@ -128,9 +130,9 @@ def main(path: str, mode: str) -> None:
     elif mode == "single":
         results = {f"single/{key}": value for key, value in compute(None).items()}
     else:
-        results = {f"multiworker/{key}": value for key, value in compute(strategy).items()}
+        results = {f"multiworker/{key}": value for key, value in compute(strategy, every_calculator=False).items()}
         if strategy.cluster_resolver.task_id == 0:
-            results.update({f"single/{key}": value for key, value in compute(None).items()})
+            results.update({f"single/{key}": value for key, value in compute(None, every_calculator=False).items()})
     np.savez(path, **results)
 
 
