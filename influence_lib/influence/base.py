@@ -15,8 +15,10 @@ Two levels, as in Influenciae:
 Training-set indices are positions in the iteration order of the training dataset: pass a
 dataset that iterates in the same order every time (no reshuffling).
 """
+import itertools
 import os
 import tempfile
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from ..common.distribute import data_parallel
 from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches, size_of
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
+from ..common.memory import describe_bytes, memory_budget_bytes
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
@@ -227,6 +230,11 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         if load_path is None and save_path is not None:
             self._save_influence_vectors(train_set, save_path)
             load_path = save_path
+        if load_path is None and cache == CACHE.MEMORY:
+            vectors, load_path = self._vectors_in_memory(train_set)
+            if load_path is None:
+                return lambda: _pair_with_batches(train_set, vectors)
+            cache = CACHE.DISK
         if load_path is None and cache == CACHE.DISK:
             load_path = os.path.join(tempfile.mkdtemp(prefix="influence_vectors_"), "vectors")
             self._save_influence_vectors(train_set, load_path)
@@ -236,10 +244,33 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             if cache == CACHE.MEMORY:
                 stored = stored.cache()
             return lambda: _pair_with_batches(train_set, stored)
-        if cache == CACHE.MEMORY:
-            vectors = [vectors for _, vectors in self._influence_vector_batches(train_set)]
-            return lambda: _pair_with_batches(train_set, vectors)
         return lambda: self._influence_vector_batches(train_set)
+
+    def _vectors_in_memory(self, train_set: tf.data.Dataset) -> tuple[list[tf.Tensor], str | None]:
+        """The influence vectors of ``train_set`` as a list of batches, or, when they would not fit in the
+        memory budget (:mod:`influence_lib.common.memory`), the path of a temporary disk cache holding them."""
+        budget = memory_budget_bytes()
+        batches = self._influence_vector_batches(train_set)
+        kept, stored = [], 0
+        for _, vectors in batches:
+            kept.append(vectors)
+            stored += vectors.shape.num_elements() * vectors.dtype.size
+            planned = max(stored, stored * (known_cardinality(train_set) or 0) // len(kept))
+            if budget is not None and planned > budget:
+                warnings.warn(
+                    f"The training set's influence vectors need up to about {describe_bytes(planned)} "
+                    f"({int(vectors.shape[1])} floats per sample), more than the in-memory cache's budget of "
+                    f"{describe_bytes(budget)}: they are written to a temporary directory on disk instead "
+                    "(CACHE.DISK). Pass influence_vector_in_cache=CACHE.DISK or CACHE.NO_CACHE to choose "
+                    "explicitly, or set INFLUENCE_LIB_MEMORY_BUDGET (bytes).",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                path = os.path.join(tempfile.mkdtemp(prefix="influence_vectors_"), "vectors")
+                rest = (vectors for _, vectors in batches)
+                save_vectors(itertools.chain(kept, rest), path, self._cache_fingerprint())
+                return [], path
+        return kept, None
 
     def estimate_influence_values_in_batches(
         self,
