@@ -89,7 +89,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         The training side always uses the loss.
     strategy
         ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
-        strategy in scope. See :doc:`the Scaling out page <../scaling>`.
+        strategy in scope (see the "Scaling out" page of the documentation).
     """
 
     def __init__(

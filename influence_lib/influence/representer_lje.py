@@ -66,7 +66,7 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         Show progress bars.
     strategy
         ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
-        strategy in scope. See :doc:`the Scaling out page <../scaling>`.
+        strategy in scope (see the "Scaling out" page of the documentation).
 
     Attributes
     ----------

@@ -94,7 +94,8 @@ def test_mirrored_strategy_over_two_devices_gives_the_one_device_numbers(tmp_pat
     output = tmp_path / "mirrored.npz"
     results = _check(_start(output, "mirrored"), output)
     _single_device_is_right(results)
-    # Batches of 7, 7, 7, 7, 1 rows: shards of 3 and 4 rows, then 1 and none (one row computed, dropped).
+    # Batches of 7, 7, 7, 7, 1 rows: shards of 3 and 4 rows, then none and 1 (the first replica computes a copy of
+    # the last row for the output's shape and drops it).
     np.testing.assert_array_equal(results["mirrored/shard_rows"], [[3, 4]] * 4 + [[1, 1]])
     np.testing.assert_array_equal(results["single/shard_rows"], [[7]] * 4 + [[1]])
     expected = {k[len("single/"):]: v for k, v in results.items() if k.startswith("single/")}
@@ -127,8 +128,8 @@ def test_multi_worker_strategy_over_two_processes_gives_the_one_process_numbers(
     _single_device_is_right(workers[0])
     expected = {k[len("single/"):]: v for k, v in workers[0].items() if k.startswith("single/")}
     for index, worker in enumerate(workers):
-        # Each worker computes the rows of its own replica: 3 of every batch of 7, then 1 of the last row (itself
-        # for worker 0; a dropped copy for worker 1).
+        # Each worker computes the rows of its own replica: 3 (worker 0) or 4 (worker 1) of every batch of 7; the
+        # last batch's single row belongs to worker 1, worker 0 computes a copy of it and drops it.
         np.testing.assert_array_equal(worker["multiworker/shard_rows"], [[3 + index]] * 4 + [[1]])
         _assert_same(expected, worker, "multiworker", {"exact", "arnoldi", "tracin", "gauss_newton"})
 
