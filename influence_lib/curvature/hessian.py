@@ -33,6 +33,8 @@ class HessianOperator:
     show_progress
         Show a progress bar on each pass over ``dataset``.
 
+    Notes
+    -----
     Each batch is split across the replicas of the ``tf.distribute`` strategy in use when the
     operator is built, and the replicas' sums are all-reduced (:mod:`influence_lib.common.distribute`).
     """
