@@ -1,4 +1,4 @@
-"""Throughput of data-parallel influence on 1 and 2 workers (``MultiWorkerMirroredStrategy``) and the scaling efficiency.
+"""Throughput of data-parallel influence on 1 and 2 workers (``MultiWorkerMirroredStrategy``), scaling efficiency.
 
 Each worker is a separate process on this machine restricted to one CPU thread, standing for one
 device; the 2-worker run is a ``MultiWorkerMirroredStrategy`` cluster on 127.0.0.1 (``TF_CONFIG``),
@@ -146,17 +146,15 @@ def main() -> None:
               "default_strategy_lookup_us": one["default_lookup_us"]}
     print(f"{args.samples} samples, batches of {args.batch_size}, CNN with {one['params']} watched parameters")
     print(f"default strategy: {one['default_lookup_us']:.2f} µs per batch for the DataParallel dispatch")
-    print("| workload | 1 worker, samples/s | 2 workers, samples/s | speed-up | scaling efficiency | max rel. difference |")
+    print("| workload | 1 worker, samples/s | 2 workers, samples/s | speed-up | scaling efficiency "
+          "| max rel. difference |")
     print("|---|---|---|---|---|---|")
     for name, key in (("self_influence", "self_influence_s"), ("hvp", "hvp_s")):
         single = args.samples / one[key]
         double = args.samples / max(worker[key] for worker in two)
-        if name == "self_influence":
-            reference = np.asarray(one["self_influence"])
-            difference = max(np.abs(np.asarray(w["self_influence"]) - reference).max() for w in two) / np.abs(reference).max()
-        else:
-            reference = np.asarray(one["hvp_first"])
-            difference = max(np.abs(np.asarray(w["hvp_first"]) - reference).max() for w in two) / np.abs(reference).max()
+        output = "self_influence" if name == "self_influence" else "hvp_first"
+        reference = np.asarray(one[output])
+        difference = max(np.abs(np.asarray(w[output]) - reference).max() for w in two) / np.abs(reference).max()
         report[name] = {"one_worker": single, "two_workers": double, "efficiency": double / (2 * single),
                         "max_relative_difference": float(difference)}
         print(f"| {name} | {single:,.0f} | {double:,.0f} | {double / single:.2f}× | {double / (2 * single):.0%} "

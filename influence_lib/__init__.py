@@ -4,7 +4,16 @@ The pipeline is visible in the sub-packages: ``model`` (which weights are watche
 gradients), ``curvature`` (Hessian operator and inverse-Hessian-vector products), ``influence``
 (the calculators that turn gradients and curvature into scores).
 """
-from .common import CACHE, ORDER, DataParallel, NonFiniteError, SingularHessianError, StreamingTopK, TopK, using_strategy
+from .common import (
+    CACHE,
+    ORDER,
+    DataParallel,
+    NonFiniteError,
+    SingularHessianError,
+    StreamingTopK,
+    TopK,
+    using_strategy,
+)
 from .curvature import (
     ArnoldiIHVP,
     ArnoldiIHVPFactory,

@@ -23,6 +23,7 @@ influence-vector hook) runs it locally on its own shard: distribution never nest
 collectives of all workers always pair up.
 """
 import contextvars
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -134,7 +135,13 @@ class DataParallel:
     @property
     def multi_worker(self) -> bool:
         """Whether the replicas span several workers (machines or processes)."""
-        return self.replicas > len(self._devices)
+        return self.replicas > max(len(self._devices), 1)
+
+    def worker_path(self, path: str) -> str:
+        """Where this worker keeps a file or directory the user named ``path``: ``path`` itself, or
+        ``path/worker_INDEX`` when the replicas span several workers (so that workers sharing a file
+        system never write the same files)."""
+        return os.path.join(path, f"worker_{self.worker_index}") if self.multi_worker else path
 
     def map_rows(self, function: Callable[..., object], batch: Batch, *args) -> object:
         """``function(batch, *args)`` for a per-sample ``function`` (outputs with one row per sample).
@@ -175,7 +182,8 @@ class DataParallel:
         if step is None:
             step = compiled_function(lambda values: self.strategy.run(_all_gather if gather else _all_sum, (values,)))
             self.__dict__[key] = step
-        return tf.nest.map_structure(lambda value: self.strategy.experimental_local_results(value)[0], step(per_replica))
+        gathered = step(per_replica)
+        return tf.nest.map_structure(lambda value: self.strategy.experimental_local_results(value)[0], gathered)
 
     def _per_replica(self, function: Callable[..., object], batch: Batch, args: tuple, keep_rows: bool):
         size = batch_size_of(batch)

@@ -175,7 +175,8 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
         known_cardinality(dataset),
     )
     for batch in batches:
-        total += parallel.sum_rows(lambda shard: _gauss_newton_batch(model, shard, sparse, tuple(watched)), batch).numpy()
+        blocks = parallel.sum_rows(lambda shard: _gauss_newton_batch(model, shard, sparse, tuple(watched)), batch)
+        total += blocks.numpy()
         count += batch_size_of(batch)
     return tf.cast(_finite_symmetric(total / count), model.weights[0].dtype)
 

@@ -109,7 +109,8 @@ class SelfInfluenceCalculator(ABC):
         )
         for batch in batches:
             with _located(offset):
-                values = tf.cast(_as_vector(parallel.map_rows(self._compute_influence_value_from_batch, batch)), VALUE_DTYPE)
+                values = parallel.map_rows(self._compute_influence_value_from_batch, batch)
+                values = tf.cast(_as_vector(values), VALUE_DTYPE)
             yield batch, _check_finite(values, offset, "Self-influence values")
             offset += batch_size_of(batch)
 
@@ -214,7 +215,10 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         return GeneratorDataset(make_pairs, signature)
 
     def _save_influence_vectors(self, train_set: tf.data.Dataset, path: str) -> None:
-        save_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path, self._cache_fingerprint())
+        self._write_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path)
+
+    def _write_vectors(self, vector_batches: Iterator[tf.Tensor], path: str) -> None:
+        save_vectors(vector_batches, data_parallel(self.strategy).worker_path(path), self._cache_fingerprint())
 
     def _vector_source(
         self,
@@ -240,7 +244,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             self._save_influence_vectors(train_set, load_path)
         if load_path is not None:
             batch_sizes = [batch_size_of(batch) for batch in iterate_batches(train_set, "train_set")]
-            stored = load_vectors(load_path, self._cache_fingerprint(), batch_sizes)
+            worker_path = data_parallel(self.strategy).worker_path(load_path)
+            stored = load_vectors(worker_path, self._cache_fingerprint(), batch_sizes)
             if cache == CACHE.MEMORY:
                 stored = stored.cache()
             return lambda: _pair_with_batches(train_set, stored)
@@ -268,7 +273,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 )
                 path = os.path.join(tempfile.mkdtemp(prefix="influence_vectors_"), "vectors")
                 rest = (vectors for _, vectors in batches)
-                save_vectors(itertools.chain(kept, rest), path, self._cache_fingerprint())
+                self._write_vectors(itertools.chain(kept, rest), path)
                 return [], path
         return kept, None
 

@@ -126,7 +126,9 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         parallel = data_parallel(self.strategy)
         batches = progress(iterate_batches(dataset, "dataset"), show_progress, "RPS-LJE perturbation")
         for batch in batches:
-            gradient = parallel.sum_rows(lambda shard: self.head_model.batch_gradient_tensor(self._feature_batch(shard)), batch)
+            gradient = parallel.sum_rows(
+                lambda shard: self.head_model.batch_gradient_tensor(self._feature_batch(shard)), batch
+            )
             gradient_sum += tf.cast(gradient, tf.float32)
             self.n_train += batch_size_of(batch)
         kernel = head_model.layers[-1].kernel
@@ -134,7 +136,9 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         self.perturbed_kernel = tf.convert_to_tensor(kernel)
 
         hessian_set = hessian_subset(dataset, n_samples_for_hessian, shuffle_buffer_size, seed)
-        feature_batches = [parallel.map_rows(self._feature_batch, batch) for batch in iterate_batches(hessian_set, "dataset")]
+        feature_batches = [
+            parallel.map_rows(self._feature_batch, batch) for batch in iterate_batches(hessian_set, "dataset")
+        ]
         hessian_features = tf.data.Dataset.from_tensor_slices(
             tuple(tf.concat(parts, axis=0) for parts in zip(*feature_batches))
         ).batch(max(batch_size_of(batch) for batch in feature_batches))

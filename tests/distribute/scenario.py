@@ -10,10 +10,12 @@ every calculator on the same tiny problems and saves their outputs:
   the outputs of first-order, Arnoldi and TracIn go under ``multiworker/NAME``, and worker 0 adds
   the same outputs computed in one process as ``single/NAME``.
 
+Influence vectors saved to disk go under the directory ``SCENARIO_CACHE`` (environment).
 The training set has 29 samples in batches of 7 (shards of 3 and 4 rows, then a last batch of one
 row that leaves a replica without rows).
 """
 import contextlib
+import os
 import sys
 
 import numpy as np
@@ -46,7 +48,11 @@ def _problems():
     checkpoints = [il.InfluenceModel(rm.softmax_regression(n=4, seed=seed)[0]) for seed in (6, 7)]
 
     deep = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3, use_bias=False, activation="softmax")]
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(3, use_bias=False, activation="softmax"),
+        ]
     )
     deep.set_weights([rng.normal(scale=0.7, size=w.shape).astype(np.float32) for w in deep.weights])
     return il.InfluenceModel(model), train, test, checkpoints, deep
@@ -87,10 +93,13 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     out = {"shard_rows": _shard_rows(strategy, train)}
     vectors = tf.constant(np.random.default_rng(3).normal(size=(3, model.nb_params)), tf.float32)
 
-    def calculator_outputs(name, calculator):
+    def self_outputs(name, calculator):
         out[f"{name}/self"] = il.extract_only_values(calculator.compute_influence_values(train)).numpy()
         best = calculator.compute_top_k_from_training_dataset(train, K)
         out[f"{name}/self_top_k_values"], out[f"{name}/self_top_k_indices"] = best.values.numpy(), best.indices.numpy()
+
+    def calculator_outputs(name, calculator):
+        self_outputs(name, calculator)
         out[f"{name}/pairwise"] = _pairwise(calculator.estimate_influence_values_in_batches(test, train))
         out[f"{name}/top_k_values"], out[f"{name}/top_k_indices"] = _top_k(calculator.top_k(test, train, K))
 
@@ -98,12 +107,16 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     calculator_outputs("exact", exact)
     out["exact/hessian"] = exact.ihvp_calculator.hessian.numpy()
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        arnoldi = il.ArnoldiInfluenceCalculator(model, train, subspace_dim=10, k_largest_eig_vals=6, show_progress=False)
+        arnoldi = il.ArnoldiInfluenceCalculator(model, train, 10, k_largest_eig_vals=6, show_progress=False)
         calculator_outputs("arnoldi", arnoldi)
         out["arnoldi/eigenvalues"] = arnoldi.eig_vals.numpy()
     calculator_outputs("tracin", il.TracIn(checkpoints, [0.1, 0.05], show_progress=False, strategy=strategy))
+    cache = os.path.join(os.environ["SCENARIO_CACHE"], "single" if strategy is None else "distributed")
+    on_disk = exact.top_k(test, train, K, influence_vector_in_cache=il.CACHE.DISK, save_influence_vector_ds_path=cache)
+    out["exact/disk_top_k_values"], out["exact/disk_top_k_indices"] = _top_k(on_disk)
     with il.using_strategy(strategy):
-        out["gauss_newton/hessian"] = il.ExactIHVP(model, train, hessian="gauss_newton", show_progress=False).hessian.numpy()
+        gauss_newton = il.ExactIHVP(model, train, hessian="gauss_newton", show_progress=False)
+    out["gauss_newton/hessian"] = gauss_newton.hessian.numpy()
     if not every_calculator:
         return out
 
@@ -113,12 +126,20 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     cg = il.FirstOrderInfluenceCalculator(model, train, solver, show_progress=False, strategy=strategy)
     calculator_outputs("cg", cg)
     out["cg/hvp"] = cg.ihvp_calculator.hvp(vectors).numpy()
-    l2 = il.RepresenterPointL2(deep, train, il.InfluenceModel(deep).loss_function, 0.1, show_progress=False, strategy=strategy)
+    loss = il.InfluenceModel(deep).loss_function
+    l2 = il.RepresenterPointL2(deep, train, loss, 0.1, show_progress=False, strategy=strategy)
     calculator_outputs("representer_l2", l2)
     out["representer_l2/kernel"] = l2.kernel.numpy()
     lje_factory = ExactIHVPFactory(damping=0.05, show_progress=False)
     lje = il.RepresenterPointLJE(il.InfluenceModel(deep), train, lje_factory, show_progress=False, strategy=strategy)
     calculator_outputs("representer_lje", lje)
+    boundaries = {"boundary_sample": il.SampleBoundaryCalculator, "boundary_weights": il.WeightsBoundaryCalculator}
+    for name, boundary in boundaries.items():
+        self_outputs(name, boundary(model.model, 20, show_progress=False, strategy=strategy))
+    group = train.unbatch().take(10).batch(7)
+    out["group/first_order"] = exact.estimate_influence_values_group(group, test).numpy()
+    second = il.SecondOrderInfluenceCalculator(model, train, show_progress=False, strategy=strategy)
+    out["group/second_order"] = second.estimate_influence_values_group(group, test).numpy()
     return out
 
 

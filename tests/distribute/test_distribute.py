@@ -23,7 +23,10 @@ from influence_lib.common.distribute import shard_bounds
 SCENARIO = Path(__file__).with_name("scenario.py")
 ROOT = SCENARIO.parents[2]
 TIMEOUT_S = 240
-EVERY_CALCULATOR = {"exact", "cg", "arnoldi", "lissa", "gauss_newton", "tracin", "representer_l2", "representer_lje"}
+EVERY_CALCULATOR = {
+    "exact", "cg", "arnoldi", "lissa", "gauss_newton", "tracin", "representer_l2", "representer_lje",
+    "boundary_sample", "boundary_weights", "group",
+}
 
 
 def _environment(**extra) -> dict:
@@ -49,7 +52,7 @@ def _check(process: subprocess.Popen, output: Path) -> dict:
 def _start(output: Path, mode: str, **env) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(SCENARIO), str(output), mode],
-        env=_environment(**env),
+        env=_environment(SCENARIO_CACHE=str(output.parent / "cache"), **env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -83,7 +86,8 @@ def _single_device_is_right(results: dict) -> None:
     pairwise = g_test @ inverse @ g_train.T
     np.testing.assert_allclose(results["single/exact/hessian"], hessian, atol=1e-5)
     np.testing.assert_allclose(results["single/gauss_newton/hessian"], hessian, atol=1e-5)
-    np.testing.assert_allclose(results["single/exact/pairwise"], pairwise, rtol=2e-3, atol=2e-3 * np.abs(pairwise).max())
+    tolerance = 2e-3 * np.abs(pairwise).max()
+    np.testing.assert_allclose(results["single/exact/pairwise"], pairwise, rtol=2e-3, atol=tolerance)
     self_influence = np.einsum("np,pq,nq->n", g_train, inverse, g_train)
     np.testing.assert_allclose(results["single/exact/self"], self_influence, rtol=2e-3)
     order = np.argsort(-pairwise, axis=1, kind="stable")[:, :5]
@@ -115,16 +119,16 @@ def _free_ports(count: int) -> list[int]:
 def test_multi_worker_strategy_over_two_processes_gives_the_one_process_numbers(tmp_path):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
     outputs = [tmp_path / f"worker_{index}.npz" for index in range(2)]
-    processes = [
-        _start(output, "multiworker", TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-        for i, output in enumerate(outputs)
-    ]
+    configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
+    processes = [_start(output, "multiworker", TF_CONFIG=config) for output, config in zip(outputs, configs)]
     try:
         workers = [_check(process, output) for process, output in zip(processes, outputs)]
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
+    # Both workers saved their influence vectors under the same path, each in its own directory.
+    assert sorted(os.listdir(tmp_path / "cache" / "distributed")) == ["worker_0", "worker_1"]
     _single_device_is_right(workers[0])
     expected = {k[len("single/"):]: v for k, v in workers[0].items() if k.startswith("single/")}
     for index, worker in enumerate(workers):
@@ -150,6 +154,7 @@ def test_the_default_strategy_calls_the_function_on_the_whole_batch():
     marker = object()
     assert parallel.map_rows(lambda b: marker if b is batch else None, batch) is marker
     assert parallel.sum_rows(lambda b, scale: tf.reduce_sum(b[0]) * scale, batch, 2.0).numpy() == 12.0
+    assert not parallel.multi_worker and parallel.worker_path("cache/vectors") == "cache/vectors"
 
 
 def test_a_strategy_that_is_not_one_is_refused_with_its_type():

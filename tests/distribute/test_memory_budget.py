@@ -27,7 +27,8 @@ def test_vectors_over_the_budget_are_cached_on_disk_with_a_warning(problem, monk
     calculator, train, expected = problem
     # 4 batches of up to 6 samples × 15 floats × 4 bytes = 1440 bytes; 500 is exceeded after the first batch.
     monkeypatch.setenv(BUDGET_VARIABLE, "500")
-    with pytest.warns(RuntimeWarning, match=r"up to about 1\.4 KiB \(15 floats per sample\).*budget of 500\.0 B.*CACHE\.DISK"):
+    message = r"up to about 1\.4 KiB \(15 floats per sample\).*budget of 500\.0 B.*CACHE\.DISK"
+    with pytest.warns(RuntimeWarning, match=message):
         batches = calculator.estimate_influence_values_in_batches(train, train, il.CACHE.MEMORY)
     values = _pairwise(batches)
     np.testing.assert_allclose(values, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
