@@ -16,7 +16,11 @@ Every worker of a ``MultiWorkerMirroredStrategy`` iterates the whole (same, fixe
 and computes only its own replicas' shards; the collectives give every worker the full result, so
 each worker runs the same program and ends with the same numbers. With the default strategy (no
 ``tf.distribute`` in use) or a single replica, the computation is called directly on the batch:
-the single-device path costs one strategy lookup per batch.
+the single-device path costs one strategy lookup per pass and one attribute test per batch.
+
+Replicas of one machine are computed one after the other in the calling thread, each under its
+device, and combined on the current device (concatenation or sum); only across workers do the
+outputs go through collectives (one compiled ``strategy.run`` step per output structure).
 
 A computation that itself runs a distributed pass (an iterative inverse-Hessian solve inside an
 influence-vector hook) runs it locally on its own shard: distribution never nests, so the
@@ -207,11 +211,14 @@ class DataParallel:
 
 
 def _all_gather(values):
+    """Replica function: all-gather each value along axis 0 (shards may differ in length). The identity
+    re-creates the value inside the replica's device scope, which the collective addresses."""
     context = tf.distribute.get_replica_context()
     return tf.nest.map_structure(lambda value: context.all_gather(tf.identity(value), axis=0), values)
 
 
 def _all_sum(values):
+    """Replica function: all-reduce (sum) each value, re-created inside the replica's device scope."""
     values = tf.nest.map_structure(tf.identity, values)
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
