@@ -6,6 +6,7 @@ bytes in the environment variable ``INFLUENCE_LIB_MEMORY_BUDGET`` when it is set
 running several workers (one process per device), each worker asks for itself.
 """
 import os
+import warnings
 
 BUDGET_VARIABLE = "INFLUENCE_LIB_MEMORY_BUDGET"
 AVAILABLE_FRACTION = 0.5
@@ -43,6 +44,16 @@ def memory_budget_bytes() -> int | None:
         return int(setting)
     available = available_memory_bytes()
     return None if available is None else int(AVAILABLE_FRACTION * available)
+
+
+def warn_over_budget(what: str, needed: int, budget: int, instead: str, stacklevel: int) -> None:
+    """Warn (``RuntimeWarning``) that ``what`` needs ``needed`` bytes, more than ``budget``, and what happens instead."""
+    warnings.warn(
+        f"{what} need up to about {describe_bytes(needed)}, more than the in-memory cache's budget of "
+        f"{describe_bytes(budget)}: {instead}. Set {BUDGET_VARIABLE} (bytes) to change the budget.",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def describe_bytes(count: float) -> str:

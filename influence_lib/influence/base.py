@@ -30,7 +30,7 @@ from ..common.distribute import data_parallel
 from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches, size_of
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
-from ..common.memory import describe_bytes, memory_budget_bytes
+from ..common.memory import memory_budget_bytes, warn_over_budget
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
@@ -246,7 +246,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             batch_sizes = [batch_size_of(batch) for batch in iterate_batches(train_set, "train_set")]
             worker_path = data_parallel(self.strategy).worker_path(load_path)
             stored = load_vectors(worker_path, self._cache_fingerprint(), batch_sizes)
-            if cache == CACHE.MEMORY:
+            if cache == CACHE.MEMORY and self._fits_in_memory(stored, sum(batch_sizes), worker_path):
                 stored = stored.cache()
             return lambda: _pair_with_batches(train_set, stored)
         return lambda: self._influence_vector_batches(train_set)
@@ -262,13 +262,12 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             stored += vectors.shape.num_elements() * vectors.dtype.size
             planned = max(stored, stored * (known_cardinality(train_set) or 0) // len(kept))
             if budget is not None and planned > budget:
-                warnings.warn(
-                    f"The training set's influence vectors need up to about {describe_bytes(planned)} "
-                    f"({int(vectors.shape[1])} floats per sample), more than the in-memory cache's budget of "
-                    f"{describe_bytes(budget)}: they are written to a temporary directory on disk instead "
-                    "(CACHE.DISK). Pass influence_vector_in_cache=CACHE.DISK or CACHE.NO_CACHE to choose "
-                    "explicitly, or set INFLUENCE_LIB_MEMORY_BUDGET (bytes).",
-                    RuntimeWarning,
+                warn_over_budget(
+                    f"The training set's influence vectors ({int(vectors.shape[1])} floats per sample)",
+                    planned,
+                    budget,
+                    "they are written to a temporary directory on disk instead (CACHE.DISK); pass "
+                    "influence_vector_in_cache=CACHE.DISK or CACHE.NO_CACHE to choose explicitly",
                     stacklevel=4,
                 )
                 path = os.path.join(tempfile.mkdtemp(prefix="influence_vectors_"), "vectors")
@@ -276,6 +275,25 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 self._write_vectors(itertools.chain(kept, rest), path)
                 return [], path
         return kept, None
+
+    @staticmethod
+    def _fits_in_memory(stored: tf.data.Dataset, samples: int, path: str) -> bool:
+        """Whether influence vectors read from the disk cache at ``path`` may be kept in memory; warn if not."""
+        budget = memory_budget_bytes()
+        if budget is None:
+            return True
+        first = next(iter(stored))
+        needed = samples * int(first.shape[1]) * first.dtype.size
+        if needed <= budget:
+            return True
+        warn_over_budget(
+            f"The influence vectors cached at {path!r} ({int(first.shape[1])} floats per sample)",
+            needed,
+            budget,
+            "they are read from disk on every pass instead of being kept in memory",
+            stacklevel=5,
+        )
+        return False
 
     def estimate_influence_values_in_batches(
         self,

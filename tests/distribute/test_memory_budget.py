@@ -27,12 +27,25 @@ def test_vectors_over_the_budget_are_cached_on_disk_with_a_warning(problem, monk
     calculator, train, expected = problem
     # 4 batches of up to 6 samples × 15 floats × 4 bytes = 1440 bytes; 500 is exceeded after the first batch.
     monkeypatch.setenv(BUDGET_VARIABLE, "500")
-    message = r"up to about 1\.4 KiB \(15 floats per sample\).*budget of 500\.0 B.*CACHE\.DISK"
+    message = r"\(15 floats per sample\) need up to about 1\.4 KiB.*budget of 500\.0 B.*CACHE\.DISK"
     with pytest.warns(RuntimeWarning, match=message):
         batches = calculator.estimate_influence_values_in_batches(train, train, il.CACHE.MEMORY)
     values = _pairwise(batches)
     np.testing.assert_allclose(values, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
     np.testing.assert_allclose(_pairwise(batches), values)
+
+
+def test_vectors_loaded_from_disk_stay_on_disk_when_over_the_budget(problem, monkeypatch, tmp_path):
+    calculator, train, expected = problem
+    path = str(tmp_path / "vectors")
+    calculator.compute_influence_vector(train, save_influence_vector_ds_path=path)
+    monkeypatch.setenv(BUDGET_VARIABLE, "1000")  # 20 × 15 × 4 = 1200 bytes
+    message = r"cached at .*vectors.* \(15 floats per sample\) need up to about 1\.2 KiB.*read from disk on every pass"
+    with pytest.warns(RuntimeWarning, match=message):
+        batches = calculator.estimate_influence_values_in_batches(
+            train, train, il.CACHE.MEMORY, load_influence_vector_path=path
+        )
+    np.testing.assert_allclose(_pairwise(batches), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
 
 
 def test_vectors_within_the_budget_stay_in_memory_silently(problem, monkeypatch):
