@@ -38,6 +38,12 @@ from tensorflow.python.ops.resource_variable_ops import ResourceVariable
 from .compiled import compiled_function
 from .datasets import Batch, batch_size_of
 
+SAME_DATA = (
+    "every worker must iterate the same dataset, batched the same way, in the same order (no per-worker "
+    "shuffling or sharding: the library splits each batch across the replicas itself)"
+)
+SAME_WEIGHTS = "every worker must load the same weights"
+
 _explicit_strategy: contextvars.ContextVar = contextvars.ContextVar("influence_lib_strategy", default=None)
 _inside_replica: contextvars.ContextVar = contextvars.ContextVar("influence_lib_inside_replica", default=False)
 
@@ -147,6 +153,32 @@ class DataParallel:
         system never write the same files)."""
         return os.path.join(path, f"worker_{self.worker_index}") if self.multi_worker else path
 
+    def check_identical(self, tensors, what: str, fix: str) -> None:
+        """Raise a ValueError on every worker if ``tensors`` (any nesting) differ between workers.
+
+        Compares, across workers, two float64 sums per tensor — of its entries and of its entries
+        weighted by their position — so different values and a different order are both caught.
+        One small all-gather; nothing at all unless the replicas span several workers.
+
+        Raises
+        ------
+        ValueError
+            ``"{what} differ between the workers of the cluster: {fix}"``.
+        """
+        if not (self.multi_worker and self.distributed):
+            return
+        fingerprint = tf.stack([part for tensor in tf.nest.flatten(tensors) for part in _sums(tensor)])[None]
+
+        def value_fn(context: tf.distribute.experimental.ValueContext):
+            with tf.device(self._devices[int(context.replica_id_in_sync_group) % len(self._devices)]):
+                return tf.identity(fingerprint)
+
+        gathered = self._collective(self.strategy.experimental_distribute_values_from_function(value_fn), gather=True)
+        spread = tf.reduce_max(gathered, axis=0) - tf.reduce_min(gathered, axis=0)
+        scale = tf.reduce_max(tf.abs(gathered), axis=0)
+        if bool(tf.reduce_any(spread > 1e-6 * scale)):
+            raise ValueError(f"{what} differ between the workers of the cluster: {fix}")
+
     def map_rows(self, function: Callable[..., object], batch: Batch, *args) -> object:
         """``function(batch, *args)`` for a per-sample ``function`` (outputs with one row per sample).
 
@@ -208,6 +240,13 @@ class DataParallel:
                     _inside_replica.reset(token)
 
         return self.strategy.experimental_distribute_values_from_function(value_fn)
+
+
+def _sums(tensor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Sum of the entries of ``tensor`` and their sum weighted by position in ``(0, 1]`` (float64)."""
+    flat = tf.reshape(tf.cast(tensor, tf.float64), [-1])
+    positions = tf.cast(tf.range(1, tf.size(flat) + 1), tf.float64) / tf.cast(tf.maximum(tf.size(flat), 1), tf.float64)
+    return tf.reduce_sum(flat), tf.reduce_sum(flat * positions)
 
 
 def _all_gather(values):

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.datasets import batch_size_of, iterate_batches
-from ..common.distribute import data_parallel
+from ..common.distribute import SAME_DATA, SAME_WEIGHTS, data_parallel
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..model.influence_model import InfluenceModel
@@ -45,6 +45,10 @@ class HessianOperator:
         self.dataset = dataset
         self.show_progress = show_progress
         self.parallel = data_parallel()
+        if self.parallel.multi_worker:
+            first = next(iter(dataset))
+            self.parallel.check_identical(model.weights, "The watched weights", SAME_WEIGHTS)
+            self.parallel.check_identical(first, "The first batches of the Hessian dataset", SAME_DATA)
 
     @property
     def dim(self) -> int:

@@ -26,7 +26,7 @@ from itertools import zip_longest
 
 import tensorflow as tf
 
-from ..common.distribute import data_parallel
+from ..common.distribute import SAME_DATA, data_parallel
 from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches, size_of
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
@@ -108,6 +108,8 @@ class SelfInfluenceCalculator(ABC):
             iterate_batches(train_set, "train_set"), self.show_progress, "Self-influence", known_cardinality(train_set)
         )
         for batch in batches:
+            if offset == 0:
+                parallel.check_identical(batch, "The first training batches", SAME_DATA)
             with _located(offset):
                 values = parallel.map_rows(self._compute_influence_value_from_batch, batch)
                 values = tf.cast(_as_vector(values), VALUE_DTYPE)
@@ -182,6 +184,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             known_cardinality(train_set),
         )
         for batch in batches:
+            if offset == 0:
+                parallel.check_identical(batch, "The first training batches", SAME_DATA)
             with _located(offset):
                 vectors = tf.cast(parallel.map_rows(self._compute_influence_vector, batch), VALUE_DTYPE)
             yield batch, _check_finite(vectors, offset, "Influence vectors")

@@ -143,6 +143,28 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     return out
 
 
+def _refusals(strategy: tf.distribute.Strategy) -> list[str]:
+    """The errors raised when the workers hold different weights, or iterate different data (worker 1's
+    samples in another order)."""
+    import influence_lib as il
+
+    model, train, _, checkpoints, _ = _problems()
+    messages = []
+    if strategy.cluster_resolver.task_id == 1:
+        model.model.layers[-1].bias.assign(model.model.layers[-1].bias + 1.0)
+    try:
+        il.FirstOrderInfluenceCalculator(model, train, show_progress=False, strategy=strategy)
+    except ValueError as error:
+        messages.append(str(error))
+    shuffled = train.unbatch().shuffle(64, seed=strategy.cluster_resolver.task_id).batch(BATCH)
+    tracin = il.TracIn(checkpoints, 0.1, show_progress=False, strategy=strategy)
+    try:
+        il.extract_only_values(tracin.compute_influence_values(shuffled))
+    except ValueError as error:
+        messages.append(str(error))
+    return messages
+
+
 def main(path: str, mode: str) -> None:
     strategy = _configure(mode)
     if mode == "mirrored":
@@ -154,6 +176,7 @@ def main(path: str, mode: str) -> None:
         results = {f"multiworker/{key}": value for key, value in compute(strategy, every_calculator=False).items()}
         if strategy.cluster_resolver.task_id == 0:
             results.update({f"single/{key}": value for key, value in compute(None, every_calculator=False).items()})
+        results["refusals"] = np.array(_refusals(strategy))
     np.savez(path, **results)
 
 

@@ -136,6 +136,10 @@ def test_multi_worker_strategy_over_two_processes_gives_the_one_process_numbers(
         # last batch's single row belongs to worker 1, worker 0 computes a copy of it and drops it.
         np.testing.assert_array_equal(worker["multiworker/shard_rows"], [[3 + index]] * 4 + [[1]])
         _assert_same(expected, worker, "multiworker", {"exact", "arnoldi", "tracin", "gauss_newton"})
+        # Different weights, or the same samples in another order, are refused on every worker.
+        weights, data = worker["refusals"]
+        assert "The watched weights differ between the workers of the cluster: every worker must load" in weights
+        assert "The first training batches differ between the workers of the cluster: every worker must" in data
 
 
 @pytest.mark.parametrize("size, replicas", [(7, 2), (1, 2), (10, 3), (0, 4), (5, 8)])
