@@ -47,7 +47,7 @@ def memory_budget_bytes() -> int | None:
 
 
 def warn_over_budget(what: str, needed: int, budget: int, instead: str, stacklevel: int) -> None:
-    """Warn (``RuntimeWarning``) that ``what`` needs ``needed`` bytes, more than ``budget``, and what happens instead."""
+    """Warn (``RuntimeWarning``) that ``what`` needs ``needed`` bytes, over ``budget``, and what happens instead."""
     warnings.warn(
         f"{what} need up to about {describe_bytes(needed)}, more than the in-memory cache's budget of "
         f"{describe_bytes(budget)}: {instead}. Set {BUDGET_VARIABLE} (bytes) to change the budget.",
