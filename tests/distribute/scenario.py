@@ -86,6 +86,8 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     ``every_calculator=False`` keeps first-order influence (exact Hessian, Gauss-Newton), Arnoldi and
     TracIn: per-sample outputs, sums and the Arnoldi passes, with fewer TensorFlow traces.
     """
+    import keras
+
     import influence_lib as il
     from influence_lib.curvature.factory import ExactIHVPFactory
 
@@ -133,6 +135,12 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     lje_factory = ExactIHVPFactory(damping=0.05, show_progress=False)
     lje = il.RepresenterPointLJE(il.InfluenceModel(deep), train, lje_factory, show_progress=False, strategy=strategy)
     calculator_outputs("representer_lje", lje)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        scoped = keras.models.clone_model(model.model)  # weights mirrored on both devices under the strategy
+    scoped.set_weights(model.model.get_weights())
+    scoped_model = il.InfluenceModel(scoped)
+    in_scope = il.FirstOrderInfluenceCalculator(scoped_model, train, show_progress=False, strategy=strategy)
+    out["scoped_model/self"] = il.extract_only_values(in_scope.compute_influence_values(train)).numpy()
     boundaries = {"boundary_sample": il.SampleBoundaryCalculator, "boundary_weights": il.WeightsBoundaryCalculator}
     for name, boundary in boundaries.items():
         self_outputs(name, boundary(model.model, 20, show_progress=False, strategy=strategy))

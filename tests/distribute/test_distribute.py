@@ -25,7 +25,7 @@ ROOT = SCENARIO.parents[2]
 TIMEOUT_S = 240
 EVERY_CALCULATOR = {
     "exact", "cg", "arnoldi", "lissa", "gauss_newton", "tracin", "representer_l2", "representer_lje",
-    "boundary_sample", "boundary_weights", "group",
+    "boundary_sample", "boundary_weights", "group", "scoped_model",
 }
 
 
