@@ -10,11 +10,15 @@ the 1-worker run the plain single-device path (no strategy). Two workloads on a 
 * ``hvp``: one pass of Hessian-vector products of the mean training loss with 4 vectors
   (``HessianOperator.matmat``: sums, all-reduced) — the pass every CG / LiSSA / Arnoldi step makes.
 
+Both also run in ONE single-threaded process with a ``MirroredStrategy`` over 2 logical CPU
+devices: the local-replica path (shards computed one after the other, combined locally), which
+shows its overhead rather than a speed-up on one thread.
+
 Each workload runs once untimed (tracing), then ``--repeats`` timed passes; the fastest pass is kept.
 The time of a multi-worker pass is that of its slowest worker. Scaling efficiency is
 ``throughput(2 workers) / (2 × throughput(1 worker))``. The outputs of both runs are compared.
 
-Command: ``.venv/bin/python benchmarks/distributed_throughput.py --samples 2048 --batch-size 128``
+Command: ``.venv/bin/python benchmarks/distributed_throughput.py --samples 2048 --batch-size 256``
 """
 import argparse
 import json
@@ -33,7 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def _worker(samples: int, batch_size: int, repeats: int) -> dict:
     import tensorflow as tf
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ else None
+    if "TF_CONFIG" in os.environ:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif os.environ.get("BENCHMARK_MIRRORED"):
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    else:
+        strategy = None
     import keras
 
     import influence_lib as il
@@ -101,8 +112,10 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _run(workers: int, args) -> list[dict]:
+def _run(workers: int, args, mirrored: bool = False) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if mirrored:
+        env["BENCHMARK_MIRRORED"] = "1"
     env.update(TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(workers)]}
     command = [sys.executable, __file__, "--worker", "--samples", str(args.samples),
@@ -140,8 +153,8 @@ def main() -> None:
         print(json.dumps(_worker(args.samples, args.batch_size, args.repeats)))
         return
 
-    runs = {workers: _run(workers, args) for workers in (1, 2)}
-    one, two = runs[1][0], runs[2]
+    one, two = _run(1, args)[0], _run(2, args)
+    mirrored = _run(1, args, mirrored=True)[0]
     report = {"samples": args.samples, "batch_size": args.batch_size, "params": one["params"],
               "default_strategy_lookup_us": one["default_lookup_us"]}
     print(f"{args.samples} samples, batches of {args.batch_size}, CNN with {one['params']} watched parameters")
@@ -159,6 +172,10 @@ def main() -> None:
                         "max_relative_difference": float(difference)}
         print(f"| {name} | {single:,.0f} | {double:,.0f} | {double / single:.2f}× | {double / (2 * single):.0%} "
               f"| {difference:.1e} |")
+        local = args.samples / mirrored[key]
+        report[name]["mirrored_one_process"] = local
+        print(f"| {name}, MirroredStrategy over 2 logical CPU devices in 1 process (1 thread) | {single:,.0f} "
+              f"| {local:,.0f} | {local / single:.2f}× | {local / (2 * single):.0%} | — |")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
 
