@@ -34,8 +34,10 @@ from .influence import (
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
     InfluenceBatches,
+    NumpyResult,
     SelfInfluenceCalculator,
     extract_only_values,
+    to_numpy,
 )
 from .influence.arnoldi import ArnoldiInfluenceCalculator
 from .influence.boundary_sample import SampleBoundaryCalculator
@@ -87,6 +89,8 @@ __all__ = [
     "WeightsBoundaryCalculator",
     "default_process_batch",
     "extract_only_values",
+    "to_numpy",
+    "NumpyResult",
     "gauss_newton_hessian",
     "using_strategy",
 ]
