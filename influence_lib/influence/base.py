@@ -20,9 +20,11 @@ Values and influence vectors carry the calculator's :attr:`~SelfInfluenceCalcula
 float64 when its model computes in float64 (every weight of a float64 Keras model), float32
 otherwise (:data:`VALUE_DTYPE`, also for float16, bfloat16 and mixed-precision models).
 """
+import itertools
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -32,6 +34,7 @@ from itertools import zip_longest
 import keras
 import tensorflow as tf
 
+from ..common.distribute import SAME_DATA, data_parallel
 from ..common.datasets import (
     Batch,
     batch_size_of,
@@ -45,14 +48,15 @@ from ..common.datasets import (
 from ..common.devices import check_device, device_scope, on_device
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
+from ..common.memory import memory_budget_bytes, warn_over_budget
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
-from ..common.storage import atomic_directory, fingerprint_dataset, fingerprint_variables
+from ..common.storage import ShardStore, atomic_directory, fingerprint_dataset, fingerprint_variables
 from ..common.vector_cache import open_vectors, read_vectors, save_vectors
-from ._fingerprint import calculator_state
 from ..model.influence_model import InfluenceModel, compute_dtype_of
 from ..utils.nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbors
+from ._fingerprint import calculator_state
 from .results import extract_only_values  # noqa: F401  (re-exported: its historical home)
 
 VALUE_DTYPE = tf.float32
@@ -148,9 +152,12 @@ class SelfInfluenceCalculator(ABC):
     """Base of every calculator: self-influence scores and their streaming top-k.
 
     Subclasses set ``self.show_progress`` and implement ``_compute_influence_value_from_batch``.
+    Every per-batch hook runs data-parallel over the replicas of ``self.strategy`` (or of the
+    ``tf.distribute`` strategy in scope when it is None): see :mod:`influence_lib.common.distribute`.
     """
 
     show_progress: bool = True
+    strategy: "tf.distribute.Strategy | None" = None
 
     @property
     def value_dtype(self) -> tf.DType:
@@ -170,13 +177,17 @@ class SelfInfluenceCalculator(ABC):
         check_fixed_order(train_set, "train_set")
 
     def _self_influence_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+        parallel = data_parallel(self.strategy)
         offset = 0
         batches = progress(
             iterate_batches(train_set, "train_set"), self.show_progress, "Self-influence", known_cardinality(train_set)
         )
         for batch in batches:
+            if offset == 0:
+                parallel.check_identical(batch, "The first training batches", SAME_DATA)
             with _located(offset):
-                values = tf.cast(_as_vector(self._compute_influence_value_from_batch(batch)), self.value_dtype)
+                values = parallel.map_rows(self._compute_influence_value_from_batch, batch)
+                values = tf.cast(_as_vector(values), self.value_dtype)
             yield batch, _check_finite(values, offset, "Self-influence values")
             offset += batch_size_of(batch)
 
@@ -271,6 +282,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         }
 
     def _influence_vector_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+        parallel = data_parallel(self.strategy)
         offset = 0
         batches = progress(
             iterate_batches(train_set, "train_set"),
@@ -279,8 +291,10 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             known_cardinality(train_set),
         )
         for batch in batches:
+            if offset == 0:
+                parallel.check_identical(batch, "The first training batches", SAME_DATA)
             with _located(offset):
-                vectors = tf.cast(self._compute_influence_vector(batch), self.value_dtype)
+                vectors = tf.cast(parallel.map_rows(self._compute_influence_vector, batch), self.value_dtype)
             yield batch, _check_finite(vectors, offset, "Influence vectors")
             offset += batch_size_of(batch)
 
@@ -319,8 +333,12 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         return GeneratorDataset(on_device(device, make_pairs), signature, cardinality=known_cardinality(train_set))
 
     def _save_influence_vectors(self, train_set: tf.data.Dataset, path: str) -> None:
+        self._write_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path, train_set)
+
+    def _write_vectors(self, vector_batches: Iterator[tf.Tensor], path: str, train_set: tf.data.Dataset) -> None:
         fingerprint = self._disk_fingerprint(train_set)
-        save_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path, fingerprint, self.value_dtype)
+        path = data_parallel(self.strategy).worker_path(path)
+        save_vectors(vector_batches, path, fingerprint, self.value_dtype)
 
     def _vector_source(
         self,
@@ -337,24 +355,72 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             self._save_influence_vectors(train_set, save_path)
             load_path = save_path
         temporary = None
+        if load_path is None and cache == CACHE.MEMORY:
+            vectors, first, temporary = self._vectors_in_memory(train_set)
+            if temporary is None:
+                return lambda: _pair_with_batches(train_set, vectors, first)
+            load_path, cache = temporary.path, CACHE.DISK
         if load_path is None and cache == CACHE.DISK:
             temporary = _TemporaryCache()
             load_path = temporary.path
             self._save_influence_vectors(train_set, load_path)
         if load_path is not None:
-            store = open_vectors(load_path, self._disk_fingerprint(train_set))
+            worker_path = data_parallel(self.strategy).worker_path(load_path)
+            store = open_vectors(worker_path, self._disk_fingerprint(train_set))
             first = _batch_digest(next(iterate_batches(train_set, "train_set")))
-            if cache == CACHE.MEMORY:
+            if cache == CACHE.MEMORY and self._fits_in_memory(store, worker_path):
                 vectors = [tf.constant(array) for array in read_vectors(store)]
                 return lambda: _pair_with_batches(train_set, vectors, first)
             return lambda: _pair_with_batches(train_set, map(tf.constant, read_vectors(store)), first, temporary)
-        if cache == CACHE.MEMORY:
-            vectors, first = [], None
-            for batch, batch_vectors in self._influence_vector_batches(train_set):
-                first = _batch_digest(batch) if first is None else first
-                vectors.append(batch_vectors)
-            return lambda: _pair_with_batches(train_set, vectors, first)
         return lambda: self._influence_vector_batches(train_set)
+
+    def _vectors_in_memory(
+        self, train_set: tf.data.Dataset
+    ) -> tuple[list[tf.Tensor], str | None, "_TemporaryCache | None"]:
+        """The influence vectors of ``train_set`` as a list of batches with the digest of the first training
+        batch, or, when they would not fit in the memory budget (:mod:`influence_lib.common.memory`), a
+        temporary disk cache holding them."""
+        budget = memory_budget_bytes()
+        batches = self._influence_vector_batches(train_set)
+        kept, stored, first = [], 0, None
+        for batch, vectors in batches:
+            first = _batch_digest(batch) if first is None else first
+            kept.append(vectors)
+            stored += vectors.shape.num_elements() * vectors.dtype.size
+            planned = max(stored, stored * (known_cardinality(train_set) or 0) // len(kept))
+            if budget is not None and planned > budget:
+                warn_over_budget(
+                    f"The training set's influence vectors ({int(vectors.shape[1])} floats per sample)",
+                    planned,
+                    budget,
+                    "they are written to a temporary directory on disk instead (CACHE.DISK); pass "
+                    "influence_vector_in_cache=CACHE.DISK or CACHE.NO_CACHE to choose explicitly",
+                    stacklevel=4,
+                )
+                temporary = _TemporaryCache()
+                rest = (vectors for _, vectors in batches)
+                self._write_vectors(itertools.chain(kept, rest), temporary.path, train_set)
+                return [], None, temporary
+        return kept, first, None
+
+    @staticmethod
+    def _fits_in_memory(store: ShardStore, path: str) -> bool:
+        """Whether influence vectors read from the disk cache at ``path`` may be kept in memory; warn if not."""
+        budget = memory_budget_bytes()
+        if budget is None:
+            return True
+        first = next(read_vectors(store))
+        needed = sum(store.completion()["batch_sizes"]) * int(first.shape[1]) * first.dtype.itemsize
+        if needed <= budget:
+            return True
+        warn_over_budget(
+            f"The influence vectors cached at {path!r} ({int(first.shape[1])} floats per sample)",
+            needed,
+            budget,
+            "they are read from disk on every pass instead of being kept in memory",
+            stacklevel=4,
+        )
+        return False
 
     def estimate_influence_values_in_batches(
         self,
@@ -410,8 +476,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             return GeneratorDataset(generate, signature, cardinality=known_cardinality(train_set))
 
         def evaluated_batches() -> Iterator[tuple[Batch, tf.data.Dataset]]:
+            parallel = data_parallel(self.strategy)
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
-                yield batch, self._preprocess_samples(batch)
+                yield batch, parallel.map_rows(self._preprocess_samples, batch)
 
         def computed() -> Iterator[tuple[Batch, tf.data.Dataset]]:
             for batch, evaluated in on_device(device, evaluated_batches)():
@@ -488,8 +555,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         )
 
         def generate():
+            parallel = data_parallel(self.strategy)
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
-                result = nearest_neighbors.search(self._preprocess_samples(batch))
+                result = nearest_neighbors.search(parallel.map_rows(self._preprocess_samples, batch))
                 yield batch, result.values, result.samples, result.indices
 
         samples_spec = tf.nest.map_structure(
