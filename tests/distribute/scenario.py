@@ -164,7 +164,9 @@ def _refusals(strategy: tf.distribute.Strategy) -> list[str]:
         il.FirstOrderInfluenceCalculator(model, train, show_progress=False, strategy=strategy)
     except ValueError as error:
         messages.append(str(error))
-    shuffled = train.unbatch().shuffle(64, seed=strategy.cluster_resolver.task_id).batch(BATCH)
+    # Another fixed order on each worker (a training set that reshuffles every pass is refused earlier).
+    order = train.unbatch().shuffle(64, seed=strategy.cluster_resolver.task_id, reshuffle_each_iteration=False)
+    shuffled = order.batch(BATCH)
     tracin = il.TracIn(checkpoints, 0.1, show_progress=False, strategy=strategy)
     try:
         il.extract_only_values(tracin.compute_influence_values(shuffled))
