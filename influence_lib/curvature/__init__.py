@@ -9,17 +9,20 @@ from .factory import (
     ExactIHVPFactory,
     IHVPCalculator,
     InverseHessianVectorProductFactory,
+    KFACIHVPFactory,
     LissaIHVPFactory,
     make_ihvp,
 )
 from .hessian import HessianOperator, gauss_newton_hessian
 from .iterative import IterativeIHVP
+from .kfac import EKFACIHVP, KFACIHVP, LayerFactors
 from .lissa import LissaIHVP
 
 __all__ = [
     "ArnoldiIHVP",
     "ArnoldiIHVPFactory",
     "CGDIHVPFactory",
+    "EKFACIHVP",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
@@ -28,6 +31,9 @@ __all__ = [
     "InverseHessianVectorProduct",
     "InverseHessianVectorProductFactory",
     "IterativeIHVP",
+    "KFACIHVP",
+    "KFACIHVPFactory",
+    "LayerFactors",
     "LissaIHVP",
     "LissaIHVPFactory",
     "arnoldi_iteration",
