@@ -27,6 +27,7 @@ from .influence import (
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
     InfluenceBatches,
+    KroneckerInfluenceCalculator,
     SelfInfluenceCalculator,
     extract_only_values,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "InverseHessianVectorProductFactory",
     "KFACIHVP",
     "KFACIHVPFactory",
+    "KroneckerInfluenceCalculator",
     "LissaIHVP",
     "LissaIHVPFactory",
     "NonFiniteError",

@@ -3,6 +3,7 @@ from .arnoldi import ArnoldiInfluenceCalculator
 from .base import BaseInfluenceCalculator, InfluenceBatches, SelfInfluenceCalculator, extract_only_values
 from .first_order import FirstOrderInfluenceCalculator
 from .group import FirstOrderGroupInfluence, GroupInfluence
+from .kronecker import KroneckerInfluenceCalculator
 from .second_order import SecondOrderInfluenceCalculator
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "FirstOrderInfluenceCalculator",
     "GroupInfluence",
     "InfluenceBatches",
+    "KroneckerInfluenceCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "extract_only_values",

@@ -287,7 +287,7 @@ class ConvRule(LayerRule):
                     u * dilation[0] : u * dilation[0] + (rows - 1) * strides[0] + 1 : strides[0],
                     v * dilation[1] : v * dilation[1] + (columns - 1) * strides[1] + 1 : strides[1],
                 ]
-                flat_shifted = tf.reshape(shifted, [batch, -1, inputs.shape[-1]])
+                flat_shifted = tf.reshape(shifted, [batch, -1, layer.kernel.shape[-2]])
                 per_offset.append(tf.matmul(flat_shifted, flat_delta, transpose_a=True))
         kernel_grad = tf.reshape(tf.stack(per_offset, axis=1), [batch, *layer.kernel.shape])
         return [kernel_grad, tf.reduce_sum(flat_delta, axis=1)]
