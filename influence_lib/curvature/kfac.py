@@ -164,7 +164,7 @@ class KFACIHVP(InverseHessianVectorProduct):
         if factors_path is None:
             self.factors = self._fit()
         else:
-            from .kfac_storage import fit_with_store
+            from .kfac_storage import fit_with_store  # kfac_storage builds on this module
 
             self.factors = fit_with_store(self, factors_path, overwrite)
         self._prepare()

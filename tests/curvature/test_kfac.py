@@ -292,3 +292,64 @@ def test_bad_settings_and_unsupported_layers_raise_clear_errors():
         il.KFACIHVP(il.InfluenceModel(normalized, start_layer=0, last_layer=1), dataset)
     with pytest.raises(ValueError, match="Unknown IHVP calculator.*'ekfac'"):
         il.IHVPCalculator.from_string("kfac2")
+
+
+def _mlp_fit_setup():
+    model, x, _ = _mlp(seed=10)
+    y = np.eye(3, dtype=np.float32)[np.random.default_rng(10).integers(0, 3, len(x))]
+    return il.InfluenceModel(model, start_layer=0, last_layer=1), tf.data.Dataset.from_tensor_slices((x, y)).batch(10), x, y
+
+
+def test_saved_and_reloaded_factors_give_identical_scores_without_a_data_pass(tmp_path, monkeypatch):
+    influence_model, dataset, x, y = _mlp_fit_setup()
+    path = str(tmp_path / "factors")
+    fitted = il.EKFACIHVP(influence_model, dataset, factors_path=path, show_progress=False)
+    gradients = influence_model.batch_jacobian_tensor((x, y))
+    expected = fitted.ihvp(gradients).numpy()
+
+    def no_data_pass(*_):
+        raise AssertionError("the factors should have been read back")
+
+    monkeypatch.setattr(il.EKFACIHVP, "fit_covariances", no_data_pass)
+    monkeypatch.setattr(il.EKFACIHVP, "fit_eigenvalues", no_data_pass)
+    reloaded = il.EKFACIHVP(influence_model, dataset, factors_path=path, show_progress=False)
+    np.testing.assert_array_equal(reloaded.ihvp(gradients).numpy(), expected)
+    for mine, theirs in zip(reloaded.factors, fitted.factors):
+        np.testing.assert_array_equal(mine.eigenvalues, theirs.eigenvalues)
+
+
+def test_interrupted_fit_resumes_from_the_stored_first_pass(tmp_path, monkeypatch):
+    influence_model, dataset, x, y = _mlp_fit_setup()
+    uninterrupted = il.EKFACIHVP(influence_model, dataset, show_progress=False)
+    path = str(tmp_path / "factors")
+    original = il.EKFACIHVP.fit_eigenvalues
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(il.EKFACIHVP, "fit_eigenvalues", killed)
+    with pytest.raises(KeyboardInterrupt):
+        il.EKFACIHVP(influence_model, dataset, factors_path=path, show_progress=False)
+    monkeypatch.setattr(il.EKFACIHVP, "fit_eigenvalues", original)
+    monkeypatch.setattr(il.EKFACIHVP, "fit_covariances", killed)
+    resumed = il.EKFACIHVP(influence_model, dataset, factors_path=path, show_progress=False)
+    for mine, theirs in zip(resumed.factors, uninterrupted.factors):
+        np.testing.assert_allclose(mine.eigenvalues, theirs.eigenvalues, rtol=1e-12)
+
+
+def test_factors_of_another_model_or_setting_are_refused(tmp_path):
+    influence_model, dataset, _, _ = _mlp_fit_setup()
+    path = str(tmp_path / "factors")
+    il.KFACIHVP(influence_model, dataset, factors_path=path, show_progress=False)
+    with pytest.raises(ValueError, match="different setup.*settings"):
+        il.EKFACIHVP(influence_model, dataset, factors_path=path, show_progress=False)
+    weights = influence_model.model.get_weights()
+    influence_model.model.set_weights([w + 1.0 for w in weights])
+    try:
+        with pytest.raises(ValueError, match="different setup.*model_weights"):
+            il.KFACIHVP(influence_model, dataset, factors_path=path, show_progress=False)
+        refit = il.KFACIHVP(influence_model, dataset, factors_path=path, overwrite=True, show_progress=False)
+        direct = il.KFACIHVP(influence_model, dataset, show_progress=False)
+        np.testing.assert_allclose(refit.factors[0].a_covariance, direct.factors[0].a_covariance)
+    finally:
+        influence_model.model.set_weights(weights)
