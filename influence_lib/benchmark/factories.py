@@ -17,6 +17,7 @@ from ..curvature.factory import (
     CGDIHVPFactory,
     ExactIHVPFactory,
     InverseHessianVectorProductFactory,
+    KFACIHVPFactory,
     LissaIHVPFactory,
 )
 from ..influence.arnoldi import ArnoldiInfluenceCalculator
@@ -60,7 +61,7 @@ class FirstOrderFactory(CalculatorFactory):
     Parameters
     ----------
     ihvp
-        ``'exact'``, ``'cgd'`` or ``'lissa'``.
+        ``'exact'``, ``'cgd'``, ``'lissa'``, ``'kfac'`` or ``'ekfac'``.
     damping
         λ of ``(H + λI)⁻¹``; 0 takes the pseudo-inverse (exact only).
     start_layer
@@ -73,6 +74,8 @@ class FirstOrderFactory(CalculatorFactory):
         Average the Hessian over this many training samples (all when None).
     normalize
         RelatIF normalization.
+    last_layer
+        Last watched layer (None: ``start_layer`` alone); e.g. ``start_layer=0, last_layer=-1`` for every layer.
     """
 
     ihvp: str = "exact"
@@ -82,19 +85,22 @@ class FirstOrderFactory(CalculatorFactory):
     lissa_scale: float = 10.0
     n_samples_for_hessian: int | None = None
     normalize: bool = False
+    last_layer: int | str | None = None
 
     def _ihvp_factory(self) -> InverseHessianVectorProductFactory:
         factories = {
             "exact": ExactIHVPFactory(self.damping, show_progress=False),
             "cgd": CGDIHVPFactory(self.n_opt_iters, self.damping),
             "lissa": LissaIHVPFactory(self.n_opt_iters, self.damping, self.lissa_scale),
+            "kfac": KFACIHVPFactory(self.damping, show_progress=False),
+            "ekfac": KFACIHVPFactory(self.damping, corrected_eigenvalues=True, show_progress=False),
         }
         if self.ihvp not in factories:
             raise ValueError(f"ihvp must be one of {sorted(factories)}, got {self.ihvp!r}.")
         return factories[self.ihvp]
 
     def build(self, trained, train_set) -> FirstOrderInfluenceCalculator:
-        model = InfluenceModel(trained.model, start_layer=self.start_layer)
+        model = InfluenceModel(trained.model, start_layer=self.start_layer, last_layer=self.last_layer)
         hessian_set = hessian_subset(train_set, self.n_samples_for_hessian, 10000, trained.seed)
         return FirstOrderInfluenceCalculator(
             model, hessian_set, self._ihvp_factory().build(model, hessian_set), normalize=self.normalize,

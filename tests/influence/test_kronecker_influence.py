@@ -173,3 +173,17 @@ def test_bad_arguments_raise_clear_errors():
     arnoldi = il.ArnoldiInfluenceCalculator(model, dataset, subspace_dim=5, show_progress=False)
     with pytest.raises(ValueError, match="does not split its scores by watched layer"):
         arnoldi.influence_values_per_layer((x[:2], y[:2]), (x, y))
+
+
+def test_group_influence_with_ekfac_equals_numpy():
+    model, dataset, (x, y) = _mlp_problem(seed=7)
+    calculator = il.FirstOrderInfluenceCalculator(
+        model, dataset, il.KFACIHVPFactory(damping=DAMPING, corrected_eigenvalues=True, show_progress=False),
+        show_progress=False,
+    )
+    group = tf.data.Dataset.from_tensor_slices((x[:6], y[:6])).batch(4)
+    evaluated = tf.data.Dataset.from_tensor_slices((x[10:13], y[10:13])).batch(3)
+    gradients = model.batch_jacobian_tensor((x, y)).numpy().astype(np.float64)
+    expected = gradients[10:13].sum(0) @ _block_inverse(calculator.ihvp_calculator) @ gradients[:6].sum(0)
+    value = calculator.estimate_influence_values_group(group, evaluated).numpy()
+    np.testing.assert_allclose(value, [[expected]], rtol=2e-3)
