@@ -3,7 +3,7 @@
 Usage (from the repository root, with the project's interpreter)::
 
     .venv/bin/python benchmarks/kfac_vs_kronfluence.py [--workloads mlp,cnn] [--train 10000] [--queries 500]
-        [--damping heuristic|FLOAT] [--peer-python /work/torchpeers/bin/python] [--workdir DIR]
+        [--damping heuristic|FLOAT] [--query-rank R] [--peer-python /work/torchpeers/bin/python] [--workdir DIR]
 
 For each workload the script trains a small Keras network briefly (not timed), stores data and
 weights in ``WORKDIR/WORKLOAD.npz``, runs ``kronfluence_side.py`` in the kronfluence interpreter
@@ -73,7 +73,7 @@ def prepare(workload: str, args, workdir: Path):
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=args.epochs, batch_size=128, verbose=0)
     weights = model.get_weights()
-    settings = {"damping": args.damping, "batch_size": args.batch_size, "threads": args.threads}
+    settings = {"damping": args.damping, "batch_size": args.batch_size, "threads": args.threads, "query_rank": args.query_rank}
     np.savez(
         workdir / f"{workload}.npz", x_train=x_train, y_train=y_train, x_query=x_query, y_query=y_query,
         nb_weights=len(weights), settings=json.dumps(settings), **{f"weight_{i}": w for i, w in enumerate(weights)},
@@ -101,7 +101,9 @@ def run_influence_lib(model, train, queries, args, workdir: Path) -> tuple[np.nd
     start = time.perf_counter()
     ihvp = il.EKFACIHVP(influence_model, train_set, damping=damping, factors_path=str(factors_path), show_progress=False)
     fitted = time.perf_counter()
-    calculator = il.KroneckerInfluenceCalculator(influence_model, train_set, ihvp, show_progress=False)
+    calculator = il.KroneckerInfluenceCalculator(
+        influence_model, train_set, ihvp, query_rank=args.query_rank, show_progress=False
+    )
     batches = calculator.estimate_influence_values_in_batches(query_set, train_set, influence_vector_in_cache=il.CACHE.NO_CACHE)
     scores = np.concatenate([np.concatenate([v.numpy() for _, v in values], axis=1) for _, values in batches])
     scored = time.perf_counter()
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--damping", default="heuristic", help="'heuristic' (0.1 × mean eigenvalue per layer) or a number")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the kronfluence side")
+    parser.add_argument("--query-rank", type=int, default=None, help="rank-r query batching on both sides (default exact)")
     parser.add_argument("--peer-python", default=os.environ.get("KRONFLUENCE_PYTHON", DEFAULT_PEER))
     parser.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
     args = parser.parse_args()
@@ -144,6 +147,7 @@ def main() -> None:
             "train": args.train,
             "queries": args.queries,
             "damping": args.damping,
+            "query_rank": args.query_rank,
             "influence_lib_fit_s": round(fit_s, 2),
             "influence_lib_score_s": round(score_s, 2),
             "kronfluence_fit_s": round(theirs["fit_s"], 2),

@@ -102,7 +102,7 @@ def main() -> None:
     analyzer.compute_pairwise_scores(
         "pairwise", "ekfac", queries, train, per_device_query_batch_size=len(queries),
         per_device_train_batch_size=settings["batch_size"], overwrite_output_dir=True,
-        score_args=ScoreArguments(damping_factor=damping),
+        score_args=ScoreArguments(damping_factor=damping, query_gradient_low_rank=settings.get("query_rank")),
     )
     scored = time.perf_counter()
     scores = analyzer.load_pairwise_scores("pairwise")["all_modules"].numpy()

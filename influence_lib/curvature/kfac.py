@@ -325,6 +325,37 @@ class KFACIHVP(InverseHessianVectorProduct):
     def ihvp(self, vectors: tf.Tensor) -> tf.Tensor:
         return self.join_blocks(self.ihvp_matrices(self.check_vectors(vectors)))
 
+    def quadratic_forms(self, features: list[tuple[tf.Tensor, tf.Tensor]]) -> tf.Tensor:
+        """``g_iᵀ (F̂ + λ)⁻¹ g_i`` of each sample from its layers' ``(ā, δ)``, shape ``(B,)``.
+
+        In the eigenbasis, ``Σ_l Σ ((Q_Aᵀ G_l Q_S)² ⊘ (Λ_l + λ_l))`` with the rotated gradient
+        ``Q_Aᵀ G Q_S = Σ_t (Q_Aᵀ ā_t)(Q_Sᵀ δ_t)ᵀ`` formed from the rotated features: for a Dense
+        layer on 2-D inputs ``Σ_ij (ã_i)² W_ij (δ̃_j)²``, ``O(d_a² + d_s² + d_a d_s)`` per sample
+        instead of the ``O(d_a² d_s + d_a d_s²)`` of an IHVP. Same value as ``Σ g ⊙ ihvp(g)``.
+        """
+        totals = []
+        for index, (block, (inputs, delta)) in enumerate(zip(self.blocks, features)):
+            rotated_delta = tf.matmul(delta, self._s_vectors[index])
+            weights = self._inverse_scales[index]
+            if block.diagonal_input:
+                ids = tf.cast(inputs, tf.int64)
+                batch = tf.shape(ids, out_type=tf.int64)[0]
+                keys = tf.reshape(ids + block.input_dim * tf.range(batch)[:, None], [-1])
+                unique, positions = tf.unique(keys)
+                flat = tf.reshape(rotated_delta, [-1, block.output_dim])
+                per_pair = tf.math.unsorted_segment_sum(flat, positions, tf.shape(unique)[0])
+                terms = tf.reduce_sum(tf.square(per_pair) * tf.gather(weights, unique % block.input_dim), axis=1)
+                totals.append(tf.math.unsorted_segment_sum(terms, unique // block.input_dim, batch))
+                continue
+            rotated_inputs = tf.matmul(inputs, self._a_vectors[index])
+            if inputs.shape[1] == 1:
+                left = tf.matmul(tf.square(rotated_inputs[:, 0]), weights)
+                totals.append(tf.reduce_sum(left * tf.square(rotated_delta[:, 0]), axis=1))
+            else:
+                rotated = tf.matmul(rotated_inputs, rotated_delta, transpose_a=True)
+                totals.append(tf.reduce_sum(tf.square(rotated) * weights, axis=[1, 2]))
+        return tf.add_n(totals)
+
     def hvp(self, vectors: tf.Tensor) -> tf.Tensor:
         return self._hvp_tensor(self.check_vectors(vectors))
 

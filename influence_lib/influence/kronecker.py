@@ -55,12 +55,23 @@ class KroneckerInfluenceCalculator(FirstOrderInfluenceCalculator):
         reloaded from saved factors).
     query_rank
         ``None`` (default): exact preconditioned queries; ``r``: rank-``r`` SVD per layer.
-    n_samples_for_hessian, shuffle_buffer_size, seed, show_progress, measurement
-        As in :class:`~influence_lib.influence.first_order.FirstOrderInfluenceCalculator`.
+    n_samples_for_hessian
+        Fit the factors on this many samples drawn from ``dataset`` (all when None).
+    shuffle_buffer_size
+        Shuffle buffer used when drawing that subset.
+    show_progress
+        Show progress bars.
+    seed
+        Seed of the subset draw.
+    measurement
+        What is explained on the query side: ``'loss'`` (default), ``'margin'`` or a callable
+        ``(model_outputs, targets) -> (batch,)`` (see :mod:`influence_lib.model.measurement`).
 
     Notes
     -----
-    Self-influence (:meth:`compute_influence_values`) is always exact, ``g_zᵀ (F̂ + λ)⁻¹ g_z``.
+    Self-influence (:meth:`compute_influence_values`) is always exact, ``g_zᵀ (F̂ + λ)⁻¹ g_z``,
+    computed in the eigenbasis from each layer's rotated inputs and output gradients without
+    forming ``g_z`` (see :meth:`~influence_lib.curvature.KFACIHVP.quadratic_forms`).
     """
 
     def __init__(
@@ -175,6 +186,11 @@ class KroneckerInfluenceCalculator(FirstOrderInfluenceCalculator):
             projected_delta = tf.einsum("qsr,bts->qbtr", right, delta)
             values.append(tf.reduce_sum(projected_inputs * projected_delta, axis=[2, 3]))
         return values
+
+    @compiled_method
+    def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
+        """Exact self-influence ``g_zᵀ (F̂ + λ)⁻¹ g_z`` from the layers' rotated ``(ā, δ)`` (no gradient formed)."""
+        return self.ihvp_calculator.quadratic_forms(self._features(train_samples))
 
     def _estimate_influence_value_from_influence_vector(
         self, preproc_test_sample: tf.Tensor, influence_vector: tf.Tensor

@@ -187,3 +187,28 @@ def test_group_influence_with_ekfac_equals_numpy():
     expected = gradients[10:13].sum(0) @ _block_inverse(calculator.ihvp_calculator) @ gradients[:6].sum(0)
     value = calculator.estimate_influence_values_group(group, evaluated).numpy()
     np.testing.assert_allclose(value, [[expected]], rtol=2e-3)
+
+
+def _embedding_problem():
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, 7, size=(10, 3)).astype(np.int32)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 10)]
+    model = keras.Sequential([
+        keras.Input((3,), dtype="int32"), keras.layers.Embedding(7, 2), keras.layers.Flatten(),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+    return il.InfluenceModel(model, start_layer=0, last_layer=2), tf.data.Dataset.from_tensor_slices((ids, y)).batch(4), (ids, y)
+
+
+@pytest.mark.parametrize("problem", [_mlp_problem, _conv_problem, _embedding_problem])
+def test_self_influence_from_rotated_features_equals_numpy(problem):
+    model, dataset, (x, y) = problem()
+    calculator = il.KroneckerInfluenceCalculator(model, dataset, il.KFACIHVPFactory(
+        damping=DAMPING, corrected_eigenvalues=True, show_progress=False), show_progress=False)
+    ihvp = calculator.ihvp_calculator
+    gradients = model.batch_jacobian_tensor((x, y)).numpy().astype(np.float64)
+    expected = np.sum(gradients * ihvp.ihvp(gradients.astype(np.float32)).numpy(), axis=1)
+    if problem is _mlp_problem:
+        expected = np.sum(gradients * (gradients @ _block_inverse(ihvp)), axis=1)
+    values = il.extract_only_values(calculator.compute_influence_values(dataset)).numpy()
+    np.testing.assert_allclose(values, expected, rtol=2e-3, atol=1e-5 * np.abs(expected).max())
