@@ -8,7 +8,9 @@ Reads ``WORKDIR/WORKLOAD.npz`` (data and the Keras weights), builds the same net
 (kernels transposed: Keras Dense kernels are ``(in, out)``, torch Linear weights ``(out, in)``;
 Keras Conv2D kernels ``(k_h, k_w, c_in, c_out)``, torch ``(c_out, c_in, k_h, k_w)``; activations
 permuted to channels-last before flattening so the Dense weights line up), fits EK-FAC with the
-empirical Fisher and computes the pairwise scores of the queries against the training set. Prints
+empirical Fisher and computes the pairwise scores of the queries against the training set (with
+``query_rank``: the exact truncated SVD, ``use_full_svd=True``, as influence_lib; kronfluence's
+default is the randomized ``torch.svd_lowrank``). Prints
 one JSON line with the timings and writes the scores to ``WORKDIR/WORKLOAD.kronfluence.npy``.
 """
 import json
@@ -102,7 +104,9 @@ def main() -> None:
     analyzer.compute_pairwise_scores(
         "pairwise", "ekfac", queries, train, per_device_query_batch_size=len(queries),
         per_device_train_batch_size=settings["batch_size"], overwrite_output_dir=True,
-        score_args=ScoreArguments(damping_factor=damping, query_gradient_low_rank=settings.get("query_rank")),
+        score_args=ScoreArguments(
+            damping_factor=damping, query_gradient_low_rank=settings.get("query_rank"), use_full_svd=True
+        ),
     )
     scored = time.perf_counter()
     scores = analyzer.load_pairwise_scores("pairwise")["all_modules"].numpy()
