@@ -13,6 +13,7 @@ from .curvature import (
     EKFACIHVP,
     ExactIHVP,
     ExactIHVPFactory,
+    ForwardOverBackwardHVP,
     HessianOperator,
     IHVPCalculator,
     InverseHessianVectorProduct,
@@ -39,7 +40,8 @@ from .influence.representer_lje import RepresenterPointLJE
 from .influence.second_order import SecondOrderInfluenceCalculator
 from .influence.tracin import TracIn
 from .influence.tracin_checkpoint import TracInCheckpoint
-from .model import InfluenceModel, default_process_batch
+from . import utils
+from .model import BaseInfluenceModel, InfluenceModel, default_process_batch
 
 __version__ = "0.1.0"
 
@@ -50,12 +52,14 @@ __all__ = [
     "ArnoldiIHVPFactory",
     "ArnoldiInfluenceCalculator",
     "BaseInfluenceCalculator",
+    "BaseInfluenceModel",
     "CGDIHVPFactory",
     "ConjugateGradientDescentIHVP",
     "EKFACIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
     "FirstOrderInfluenceCalculator",
+    "ForwardOverBackwardHVP",
     "HessianOperator",
     "IHVPCalculator",
     "InfluenceBatches",
