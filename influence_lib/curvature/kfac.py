@@ -207,12 +207,12 @@ class KFACIHVP(InverseHessianVectorProduct):
         """Per layer ``Σ_{i,t} ā ā ᵀ`` (diagonal: token counts) and ``Σ_i (1/T) Σ_t δ δᵀ`` of one batch."""
         sums = []
         for block, (inputs, delta) in zip(self.blocks, self._recorded_features(batch)):
-            positions = tf.cast(tf.shape(delta)[1], tf.float32)
+            positions = tf.cast(tf.shape(delta)[1], delta.dtype)
             flat_delta = tf.reshape(delta, [-1, block.output_dim])
             s_sum = tf.matmul(flat_delta, flat_delta, transpose_a=True) / positions
             if block.diagonal_input:
                 ids = tf.reshape(inputs, [-1])
-                a_sum = tf.math.unsorted_segment_sum(tf.ones_like(ids, tf.float32), ids, block.input_dim)
+                a_sum = tf.math.unsorted_segment_sum(tf.ones_like(ids, delta.dtype), ids, block.input_dim)
             else:
                 flat_inputs = tf.reshape(inputs, [-1, block.input_dim])
                 a_sum = tf.matmul(flat_inputs, flat_inputs, transpose_a=True)
@@ -264,10 +264,11 @@ class KFACIHVP(InverseHessianVectorProduct):
 
     def fit_eigenvalues(self, factors: list[LayerFactors]) -> list[np.ndarray]:
         """Second pass (EK-FAC): ``Λ = E[(Q_Aᵀ G Q_S)²]`` of every layer (float64)."""
+        dtype = self.model.dtype
         a_vectors = [
-            tf.zeros((0, 0)) if f.a_eigenvectors is None else tf.constant(f.a_eigenvectors, tf.float32) for f in factors
+            tf.zeros((0, 0), dtype) if f.a_eigenvectors is None else tf.constant(f.a_eigenvectors, dtype) for f in factors
         ]
-        s_vectors = [tf.constant(f.s_eigenvectors, tf.float32) for f in factors]
+        s_vectors = [tf.constant(f.s_eigenvectors, dtype) for f in factors]
         totals, count = None, 0
         for batch in self._batches("EK-FAC eigenvalues", 1):
             sums = [value.numpy().astype(np.float64) for value in self._batch_eigenvalues(batch, a_vectors, s_vectors)]
@@ -277,8 +278,8 @@ class KFACIHVP(InverseHessianVectorProduct):
 
     # ---------------------------------------------------------------- applying
     def _prepare(self) -> None:
-        """Per-layer damping and the float32 tensors the products use."""
-        dtype = self.model.weights[0].dtype
+        """Per-layer damping and the tensors (in the model's dtype) the products use."""
+        dtype = self.model.dtype
         self.layer_damping = [layer_damping(f.eigenvalues, self.damping) for f in self.factors]
         self._a_vectors = [None if f.a_eigenvectors is None else tf.constant(f.a_eigenvectors, dtype) for f in self.factors]
         self._s_vectors = [tf.constant(f.s_eigenvectors, dtype) for f in self.factors]

@@ -75,7 +75,7 @@ class KroneckerBlock:
         return any(name == "bias" for name, _ in self.parts)
 
     def features(self, calls: list[LayerCall]) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(ā, δ)`` of one batch: ``(B, T, d_a)`` float32 (Embedding: int64 ids ``(B, T)``) and ``(B, T, d_s)``.
+        """``(ā, δ)`` of one batch: ``(B, T, d_a)`` (Embedding: int64 ids ``(B, T)``) and ``(B, T, d_s)``, in δ's dtype.
 
         The positions of several calls of the layer are concatenated along ``T``.
         """
@@ -94,7 +94,7 @@ class KroneckerBlock:
         elif self.kind == "conv":
             inputs = _conv_patches(self.layer, call)
         else:
-            inputs = tf.cast(call.inputs, tf.float32)
+            inputs = tf.cast(call.inputs, delta.dtype)
             kernel_rows = self.input_dim - int(self.bias_watched)
             inputs = inputs[:, None] if inputs.shape.rank == 2 else tf.reshape(inputs, [batch, -1, kernel_rows])
         if self.bias_watched:
@@ -126,7 +126,7 @@ def _conv_patches(layer: keras.layers.Layer, call: LayerCall) -> tf.Tensor:
     as ``kernel.reshape(-1, c_out)`` orders its rows (Grosse & Martens 2016, "A Kronecker-factored
     approximate Fisher matrix for convolution layers").
     """
-    inputs, padding = ConvRule._padded(layer, tf.cast(call.inputs, tf.float32))
+    inputs, padding = ConvRule._padded(layer, tf.cast(call.inputs, call.delta.dtype))
     kernel_size, strides, dilation = list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate)
     delta = call.delta
     if layer.rank == 1:
@@ -191,7 +191,7 @@ def kronecker_blocks(model: InfluenceModel) -> list[KroneckerBlock]:
         positions = model._weight_positions[index]
         parts = tuple(
             ("kernel" if position == 0 else "bias", int(np.prod(weight.shape, dtype=np.int64)))
-            for weight, position in zip(layer.trainable_weights, positions)
+            for weight, position in zip(model._closed_form_weights[index], positions)
         )
         if isinstance(rule, DenseRule):
             kind, (d_in, d_out) = "dense", tuple(layer._kernel.shape)

@@ -134,7 +134,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         return self.model.batch_jacobian_tensor(samples)
 
     def _layer_sizes(self) -> list[int]:
-        return [sum(math.prod(w.shape) for w in layer.trainable_weights) for layer in self.model.closed_form_layers]
+        return [sum(math.prod(w.shape) for w in weights) for weights in self.model._closed_form_weights]
 
     def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
         return self._normalize_if_needed(self.ihvp_calculator.ihvp(self.model.batch_jacobian_tensor(train_samples)))

@@ -111,12 +111,12 @@ class KroneckerInfluenceCalculator(FirstOrderInfluenceCalculator):
 
     @compiled_method
     def _features(self, batch: Batch) -> list[tuple[tf.Tensor, tf.Tensor]]:
-        """Per layer ``(ā, δ)`` of the training loss, ``ā`` as float32 (Embedding: the token ids)."""
+        """Per layer ``(ā, δ)`` of the training loss, ``ā`` in δ's dtype (Embedding: the token ids)."""
         record = self.model._record(batch)
         if record is None:
             raise ValueError(f"The watched layers cannot be recorded: {self.model.fallback_reason}.")
         pairs = [block.features(calls) for block, calls in zip(self.blocks, record.calls)]
-        return [(tf.cast(inputs, tf.float32), delta) for inputs, delta in pairs]
+        return [(tf.cast(inputs, delta.dtype), delta) for inputs, delta in pairs]
 
     def _precondition(self, gradients: tf.Tensor) -> tf.Tensor:
         """``(F̂ + λ)⁻¹ g`` per layer: flat, or rank-r factors ``[σ u (d_a·r), v (d_s·r)]`` per layer."""

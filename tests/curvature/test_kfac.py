@@ -353,3 +353,25 @@ def test_factors_of_another_model_or_setting_are_refused(tmp_path):
         np.testing.assert_allclose(refit.factors[0].a_covariance, direct.factors[0].a_covariance)
     finally:
         influence_model.model.set_weights(weights)
+
+
+def test_watching_only_the_kernel_drops_the_bias_row():
+    """``weights_to_watch=[kernel]``: ``ā`` has no appended 1 and EK-FAC's Λ matches NumPy on the kernel gradients."""
+    rng = np.random.default_rng(11)
+    n, d, c = 24, 3, 4
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = np.eye(c, dtype=np.float32)[rng.integers(0, c, n)]
+    model = keras.Sequential([keras.Input((d,)), keras.layers.Dense(c, activation="softmax")])
+    influence_model = il.InfluenceModel(model, weights_to_watch=[model.layers[0].kernel])
+    ekfac = il.EKFACIHVP(influence_model, tf.data.Dataset.from_tensor_slices((x, y)).batch(8), damping=0.01,
+                         show_progress=False)
+    kernel, bias = (w.astype(np.float64) for w in model.get_weights())
+    logits = x @ kernel + bias
+    delta = np.exp(logits) / np.exp(logits).sum(1, keepdims=True) - y
+    factors = ekfac.factors[0]
+    np.testing.assert_allclose(factors.a_covariance, x.T.astype(np.float64) @ x / n, rtol=1e-5)
+    gradients = np.einsum("ni,no->nio", x, delta)
+    expected = np.mean(np.einsum("ia,nio,os->nas", factors.a_eigenvectors, gradients, factors.s_eigenvectors) ** 2, 0)
+    np.testing.assert_allclose(factors.eigenvalues, expected, rtol=1e-3, atol=1e-6 * expected.max())
+    vectors = gradients[:3].reshape(3, -1).astype(np.float32)
+    np.testing.assert_allclose(ekfac.hvp(ekfac.ihvp(vectors)).numpy(), vectors, rtol=1e-3, atol=1e-5)
