@@ -16,7 +16,8 @@ from .factory import (
 )
 from .hessian import HessianOperator, gauss_newton_hessian
 from .iterative import IterativeIHVP
-from .kfac import EKFACIHVP, KFACIHVP, LayerFactors
+from .kfac import EKFACIHVP, KFACIHVP
+from .kfac_storage import LayerFactors
 from .lissa import LissaIHVP
 
 __all__ = [

@@ -31,8 +31,6 @@ Cost: one forward and backward pass over the data for ``A`` and ``S`` (and one m
 IHVP costs ``O(d_a² d_s + d_a d_s²)`` per layer. Factors can be saved per layer and reloaded
 (:mod:`influence_lib.curvature.kfac_storage`).
 """
-from dataclasses import dataclass
-
 import numpy as np
 import tensorflow as tf
 
@@ -42,35 +40,11 @@ from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..model.influence_model import InfluenceModel
 from .base import InverseHessianVectorProduct, check_damping
+from .kfac_storage import LayerFactors, fit_with_store
 from .kronecker_blocks import KroneckerBlock, kronecker_blocks
 from .true_fisher import check_fisher, true_fisher_model
 
 HEURISTIC_DAMPING = 0.1
-
-
-@dataclass
-class LayerFactors:
-    """The Kronecker factors of one layer (float64).
-
-    Attributes
-    ----------
-    a_covariance
-        ``A``, ``(d_a, d_a)``; for an Embedding its diagonal ``(d_a,)`` (mean token counts).
-    s_covariance
-        ``S``, ``(d_s, d_s)``.
-    a_eigenvectors
-        ``Q_A`` (``None`` for a diagonal ``A``: the identity).
-    s_eigenvectors
-        ``Q_S``.
-    eigenvalues
-        ``Λ``, ``(d_a, d_s)``: ``a sᵀ`` for K-FAC, the corrected eigenvalues for EK-FAC.
-    """
-
-    a_covariance: np.ndarray
-    s_covariance: np.ndarray
-    a_eigenvectors: np.ndarray | None
-    s_eigenvectors: np.ndarray
-    eigenvalues: np.ndarray
 
 
 def eigendecompose(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,8 +138,6 @@ class KFACIHVP(InverseHessianVectorProduct):
         if factors_path is None:
             self.factors = self._fit()
         else:
-            from .kfac_storage import fit_with_store  # kfac_storage builds on this module
-
             self.factors = fit_with_store(self, factors_path, overwrite)
         self._prepare()
 

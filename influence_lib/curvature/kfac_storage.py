@@ -13,13 +13,43 @@ naming what differs. Each stage writes one shard per layer as soon as it is done
 A fit interrupted after a stage resumes from it: completed stages are read back instead of
 recomputed. A data pass is the unit of work: an interrupted pass restarts.
 """
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..common.storage import ShardStore, fingerprint_dataset, fingerprint_variables
-from .kfac import KFACIHVP, LayerFactors
+
+if TYPE_CHECKING:
+    from .kfac import KFACIHVP
 
 
-def factors_fingerprint(ihvp: KFACIHVP) -> dict:
+@dataclass
+class LayerFactors:
+    """The Kronecker factors of one layer (float64).
+
+    Attributes
+    ----------
+    a_covariance
+        ``A``, ``(d_a, d_a)``; for an Embedding its diagonal ``(d_a,)`` (mean token counts).
+    s_covariance
+        ``S``, ``(d_s, d_s)``.
+    a_eigenvectors
+        ``Q_A`` (``None`` for a diagonal ``A``: the identity).
+    s_eigenvectors
+        ``Q_S``.
+    eigenvalues
+        ``Λ``, ``(d_a, d_s)``: ``a sᵀ`` for K-FAC, the corrected eigenvalues for EK-FAC.
+    """
+
+    a_covariance: np.ndarray
+    s_covariance: np.ndarray
+    a_eigenvectors: np.ndarray | None
+    s_eigenvectors: np.ndarray
+    eigenvalues: np.ndarray
+
+
+def factors_fingerprint(ihvp: "KFACIHVP") -> dict:
     """What determines the factors: the model's weights, the watched layers, the data and the settings."""
     return {
         "model_weights": fingerprint_variables(ihvp.model.model.weights),
@@ -33,7 +63,7 @@ def _names(stage: str, count: int) -> list[str]:
     return [f"{stage}_{index:03d}" for index in range(count)]
 
 
-def fit_with_store(ihvp: KFACIHVP, path: str, overwrite: bool = False) -> list[LayerFactors]:
+def fit_with_store(ihvp: "KFACIHVP", path: str, overwrite: bool = False) -> list[LayerFactors]:
     """The factors of ``ihvp``, read from the store at ``path`` where present, else computed and written."""
     store = ShardStore(path, factors_fingerprint(ihvp), what=f"{ihvp.method.upper()} factors", overwrite=overwrite)
     count = len(ihvp.blocks)
