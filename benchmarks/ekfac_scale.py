@@ -7,7 +7,7 @@ Usage (from the repository root, with the project's interpreter)::
 CIFAR-shaped inputs (32×32×3, random; 10 random classes), streamed from a ``tf.data`` pipeline
 that generates them batch by batch (never held in memory as a whole). The network (random
 initial weights: the cost does not depend on training) is Conv2D(32, 3×3, same)-Conv2D(64, 3×3,
-stride 2)-Conv2D(128, 3×3, stride 2)-Flatten-Dense(128)-Dense(10), ReLU, 897,706 parameters, all
+stride 2)-Conv2D(128, 3×3, stride 2)-Flatten-Dense(128)-Dense(10), ReLU, 897,482 parameters, all
 watched. Prints one JSON line: wall times of the two factor passes (with the float64
 eigendecompositions) and of the self-influence pass, and the peak resident memory of the process.
 """
