@@ -54,7 +54,8 @@ class KroneckerInfluenceCalculator(FirstOrderInfluenceCalculator):
         a fitted :class:`~influence_lib.curvature.KFACIHVP` / ``EKFACIHVP`` on ``model`` (e.g.
         reloaded from saved factors).
     query_rank
-        ``None`` (default): exact preconditioned queries; ``r``: rank-``r`` SVD per layer.
+        ``None`` (default): exact preconditioned queries; ``r``: rank-``r`` SVD per layer (inputs
+        must then have one fixed shape: each layer's number of positions is read once).
     n_samples_for_hessian
         Fit the factors on this many samples drawn from ``dataset`` (all when None).
     shuffle_buffer_size
