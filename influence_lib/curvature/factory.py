@@ -1,4 +1,5 @@
-"""Choose an IHVP calculator by name (``'exact' | 'cgd' | 'lissa' | 'arnoldi' | 'kfac' | 'ekfac'``), enum, or factory object.
+"""Choose an IHVP calculator by name (``'exact' | 'cgd' | 'lissa' | 'arnoldi' | 'kfac' | 'ekfac'``), enum, or
+factory object.
 
 Built from a name or enum member, each calculator uses its default settings; for ``'arnoldi'``
 that is a Krylov subspace of ``min(P, 200)`` dimensions with all its eigenpairs kept (so the
@@ -31,7 +32,8 @@ class IHVPCalculator(Enum):
 
     @staticmethod
     def from_string(ihvp_calculator: str) -> "IHVPCalculator":
-        """``'exact'``, ``'cgd'``, ``'lissa'``, ``'arnoldi'``, ``'kfac'`` or ``'ekfac'`` (case-insensitive) to the enum member."""
+        """``'exact'``, ``'cgd'``, ``'lissa'``, ``'arnoldi'``, ``'kfac'`` or ``'ekfac'`` (case-insensitive) to the
+        enum member."""
         members = {
             "exact": IHVPCalculator.Exact,
             "cgd": IHVPCalculator.Cgd,
@@ -157,6 +159,6 @@ def make_ihvp(
     if isinstance(calculator, IHVPCalculator):
         return calculator.value(model, dataset, show_progress=show_progress)
     raise TypeError(
-        "ihvp_calculator must be 'exact', 'cgd', 'lissa', 'arnoldi', 'kfac', 'ekfac', an IHVPCalculator, an InverseHessianVectorProduct "
-        f"or an InverseHessianVectorProductFactory; got {calculator!r}."
+        "ihvp_calculator must be 'exact', 'cgd', 'lissa', 'arnoldi', 'kfac', 'ekfac', an IHVPCalculator, an "
+        f"InverseHessianVectorProduct or an InverseHessianVectorProductFactory; got {calculator!r}."
     )

@@ -162,9 +162,8 @@ class KFACIHVP(InverseHessianVectorProduct):
     def _batches(self, desc: str, stage: int):
         """The training batches; under ``fisher='true'`` each pass and batch draws its own labels."""
         self._step.assign(stage << 32)
-        for batch in progress(
-            iterate_batches(self.train_set, "train_dataset"), self.show_progress, desc, known_cardinality(self.train_set)
-        ):
+        batches = iterate_batches(self.train_set, "train_dataset")
+        for batch in progress(batches, self.show_progress, desc, known_cardinality(self.train_set)):
             yield batch
             self._step.assign_add(1)
 
@@ -228,7 +227,8 @@ class KFACIHVP(InverseHessianVectorProduct):
                 continue
             rotated_inputs = tf.matmul(inputs, q_a)
             if inputs.shape[1] == 1:
-                sums.append(tf.matmul(tf.square(rotated_inputs[:, 0]), tf.square(rotated_delta[:, 0]), transpose_a=True))
+                squared_inputs, squared_delta = tf.square(rotated_inputs[:, 0]), tf.square(rotated_delta[:, 0])
+                sums.append(tf.matmul(squared_inputs, squared_delta, transpose_a=True))
             else:
                 rotated = tf.matmul(rotated_inputs, rotated_delta, transpose_a=True)
                 sums.append(tf.reduce_sum(tf.square(rotated), axis=0))
@@ -238,7 +238,8 @@ class KFACIHVP(InverseHessianVectorProduct):
         """Second pass (EK-FAC): ``Λ = E[(Q_Aᵀ G Q_S)²]`` of every layer (float64)."""
         dtype = self.model.dtype
         a_vectors = [
-            tf.zeros((0, 0), dtype) if f.a_eigenvectors is None else tf.constant(f.a_eigenvectors, dtype) for f in factors
+            tf.zeros((0, 0), dtype) if f.a_eigenvectors is None else tf.constant(f.a_eigenvectors, dtype)
+            for f in factors
         ]
         s_vectors = [tf.constant(f.s_eigenvectors, dtype) for f in factors]
         totals, count = None, 0
@@ -253,7 +254,9 @@ class KFACIHVP(InverseHessianVectorProduct):
         """Per-layer damping and the tensors (in the model's dtype) the products use."""
         dtype = self.model.dtype
         self.layer_damping = [layer_damping(f.eigenvalues, self.damping) for f in self.factors]
-        self._a_vectors = [None if f.a_eigenvectors is None else tf.constant(f.a_eigenvectors, dtype) for f in self.factors]
+        self._a_vectors = [
+            None if f.a_eigenvectors is None else tf.constant(f.a_eigenvectors, dtype) for f in self.factors
+        ]
         self._s_vectors = [tf.constant(f.s_eigenvectors, dtype) for f in self.factors]
         self._inverse_scales = [
             tf.constant(inverse_scale(f.eigenvalues, lam), dtype) for f, lam in zip(self.factors, self.layer_damping)

@@ -86,7 +86,10 @@ class KroneckerBlock:
 
     def _call_features(self, call: LayerCall) -> tuple[tf.Tensor, tf.Tensor]:
         batch = tf.shape(call.delta)[0]
-        delta = tf.reshape(call.delta, [batch, -1, self.output_dim]) if call.delta.shape.rank != 2 else call.delta[:, None]
+        if call.delta.shape.rank == 2:
+            delta = call.delta[:, None]
+        else:
+            delta = tf.reshape(call.delta, [batch, -1, self.output_dim])
         if self.kind == "embedding":
             return tf.reshape(tf.cast(call.inputs, tf.int64), [batch, -1]), delta
         if not self.kernel_watched:

@@ -13,7 +13,8 @@ approximation ``Σ_{k≤r} σ_k u_k v_kᵀ`` (SVD, Eckart–Young), and a traini
 computed from its layer inputs and output gradients without forming its gradient
 ``G_z = Σ_t ā_t δ_tᵀ``:
 
-.. math::  \\langle Q, G_z \\rangle \\approx \\sum_t \\sum_{k \\le r} \\sigma_k (u_k^\\top \\bar a_t)(v_k^\\top \\delta_t)
+.. math::  \\langle Q, G_z \\rangle \\approx
+           \\sum_t \\sum_{k \\le r} \\sigma_k (u_k^\\top \\bar a_t)(v_k^\\top \\delta_t)
 
 ``O(r·T·(d_a + d_s))`` per layer and pair instead of ``O(d_a·d_s)``; the influence vectors
 cached per training sample are then ``(ā_t, δ_t)``, ``T·(d_a + d_s)`` numbers per layer.
@@ -165,7 +166,9 @@ class KroneckerInfluenceCalculator(FirstOrderInfluenceCalculator):
     def _low_rank_values(self, factors: tf.Tensor, features: tf.Tensor) -> list[tf.Tensor]:
         """``Σ_t Σ_k σ_k (u_kᵀ ā_t)(v_kᵀ δ_t)`` per layer, each ``(queries, training samples)``."""
         ranks, positions = self._layer_ranks(), self._positions
-        factor_sizes = [size for block, r in zip(self.blocks, ranks) for size in (block.input_dim * r, block.output_dim * r)]
+        factor_sizes = [
+            size for block, r in zip(self.blocks, ranks) for size in (block.input_dim * r, block.output_dim * r)
+        ]
         feature_sizes = [
             size
             for block, steps in zip(self.blocks, positions)
