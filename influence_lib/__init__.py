@@ -29,8 +29,10 @@ from .influence import (
     FirstOrderInfluenceCalculator,
     InfluenceBatches,
     KroneckerInfluenceCalculator,
+    NumpyResult,
     SelfInfluenceCalculator,
     extract_only_values,
+    to_numpy,
 )
 from .influence.arnoldi import ArnoldiInfluenceCalculator
 from .influence.boundary_sample import SampleBoundaryCalculator
@@ -85,5 +87,7 @@ __all__ = [
     "WeightsBoundaryCalculator",
     "default_process_batch",
     "extract_only_values",
+    "to_numpy",
+    "NumpyResult",
     "gauss_newton_hessian",
 ]

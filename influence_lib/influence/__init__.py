@@ -4,6 +4,7 @@ from .base import BaseInfluenceCalculator, InfluenceBatches, SelfInfluenceCalcul
 from .first_order import FirstOrderInfluenceCalculator
 from .group import FirstOrderGroupInfluence, GroupInfluence
 from .kronecker import KroneckerInfluenceCalculator
+from .results import NumpyResult, to_numpy
 from .second_order import SecondOrderInfluenceCalculator
 
 __all__ = [
@@ -14,7 +15,9 @@ __all__ = [
     "GroupInfluence",
     "InfluenceBatches",
     "KroneckerInfluenceCalculator",
+    "NumpyResult",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "extract_only_values",
+    "to_numpy",
 ]
