@@ -289,7 +289,7 @@ def test_bad_settings_and_unsupported_layers_raise_clear_errors():
         il.KFACIHVP(absolute, dataset, fisher="true")
     normalized = keras.Sequential([keras.Input((4,)), keras.layers.LayerNormalization(), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="cannot factor the watched layer .*LayerNormalization"):
-        il.KFACIHVP(il.InfluenceModel(normalized, start_layer=0, last_layer=1), dataset)
+        il.KFACIHVP(il.InfluenceModel(normalized, start_layer=0, last_layer=1, loss_function=absolute.loss_function), dataset)
     with pytest.raises(ValueError, match="Unknown IHVP calculator.*'ekfac'"):
         il.IHVPCalculator.from_string("kfac2")
 
