@@ -4,7 +4,16 @@ The pipeline is visible in the sub-packages: ``model`` (which weights are watche
 gradients), ``curvature`` (Hessian operator and inverse-Hessian-vector products), ``influence``
 (the calculators that turn gradients and curvature into scores).
 """
-from .common import CACHE, ORDER, NonFiniteError, SingularHessianError, StreamingTopK, TopK
+from .common import (
+    CACHE,
+    ORDER,
+    DataParallel,
+    NonFiniteError,
+    SingularHessianError,
+    StreamingTopK,
+    TopK,
+    using_strategy,
+)
 from .curvature import (
     ArnoldiIHVP,
     ArnoldiIHVPFactory,
@@ -56,6 +65,7 @@ __all__ = [
     "BaseInfluenceCalculator",
     "BaseInfluenceModel",
     "CGDIHVPFactory",
+    "DataParallel",
     "ConjugateGradientDescentIHVP",
     "EKFACIHVP",
     "ExactIHVP",
@@ -90,4 +100,5 @@ __all__ = [
     "to_numpy",
     "NumpyResult",
     "gauss_newton_hessian",
+    "using_strategy",
 ]
