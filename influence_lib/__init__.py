@@ -23,6 +23,8 @@ from .curvature import (
 from .influence import (
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
+    GradCos,
+    GradDot,
     InfluenceBatches,
     SelfInfluenceCalculator,
     extract_only_values,
@@ -34,8 +36,9 @@ from .influence.representer_l2 import RepresenterPointL2
 from .influence.representer_lje import RepresenterPointLJE
 from .influence.second_order import SecondOrderInfluenceCalculator
 from .influence.tracin import TracIn
+from .influence.trak import TRAK
 from .influence.tracin_checkpoint import TracInCheckpoint
-from .model import InfluenceModel, default_process_batch
+from .model import GradientProjector, InfluenceModel, Projection, default_process_batch
 
 __version__ = "0.1.0"
 
@@ -51,6 +54,9 @@ __all__ = [
     "ExactIHVP",
     "ExactIHVPFactory",
     "FirstOrderInfluenceCalculator",
+    "GradCos",
+    "GradDot",
+    "GradientProjector",
     "HessianOperator",
     "IHVPCalculator",
     "InfluenceBatches",
@@ -60,12 +66,14 @@ __all__ = [
     "LissaIHVP",
     "LissaIHVPFactory",
     "NonFiniteError",
+    "Projection",
     "RepresenterPointL2",
     "RepresenterPointLJE",
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "SingularHessianError",
+    "TRAK",
     "StreamingTopK",
     "TopK",
     "TracIn",

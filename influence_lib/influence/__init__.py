@@ -2,17 +2,22 @@
 from .arnoldi import ArnoldiInfluenceCalculator
 from .base import BaseInfluenceCalculator, InfluenceBatches, SelfInfluenceCalculator, extract_only_values
 from .first_order import FirstOrderInfluenceCalculator
+from .grad_similarity import GradCos, GradDot
 from .group import FirstOrderGroupInfluence, GroupInfluence
 from .second_order import SecondOrderInfluenceCalculator
+from .trak import TRAK
 
 __all__ = [
     "ArnoldiInfluenceCalculator",
     "BaseInfluenceCalculator",
     "FirstOrderGroupInfluence",
     "FirstOrderInfluenceCalculator",
+    "GradCos",
+    "GradDot",
     "GroupInfluence",
     "InfluenceBatches",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
+    "TRAK",
     "extract_only_values",
 ]

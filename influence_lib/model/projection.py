@@ -1,0 +1,266 @@
+"""Random projections of per-sample gradients: ``φ_i = Rᵀ g_i ∈ ℝᵏ`` without the ``P × k`` matrix.
+
+A random matrix ``R ∈ ℝ^{P×k}`` with independent entries of mean 0 and variance ``1/k``
+(Gaussian, or Rademacher ``±1/√k``) preserves inner products in expectation,
+``E[⟨Rᵀx, Rᵀy⟩] = ⟨x, y⟩``, and, by the Johnson–Lindenstrauss lemma, within ``ε‖x‖‖y‖`` for
+all pairs of ``n`` vectors with high probability once ``k = O(log n / ε²)`` (Johnson &
+Lindenstrauss 1984; Achlioptas, "Database-friendly random projections", 2003, for ±1 entries).
+TRAK (Park et al., ICML 2023) and Captum's ``TracInCPFastRandProj`` attribute through such
+projected gradients.
+
+Two ways to apply ``R``, per watched layer, summed over layers into the same ``k`` coordinates
+(stacking the layers' blocks of rows gives one projection of the whole gradient):
+
+* **dense**: the layer's per-sample gradient block ``G_l (B, P_l)`` times ``R_l``, ``R_l``
+  generated in chunks of :data:`CHUNK_ROWS` rows from a *stateless* RNG (``tf.random.stateless_*``
+  seeded by ``(seed, layer, chunk)``, Philox), so it is the same on every run and device and at
+  most one chunk exists at a time (or the whole ``R_l`` is kept when it is smaller than
+  ``Projection.max_cached_bytes``).
+* **structured** (Dense and Conv1D/Conv2D layers): the per-sample gradient is
+  ``G_i = Σ_t ã_{i,t} ⊗ δ_{i,t}`` (``ã = [a, 1]`` the layer input — the patch at output position
+  ``t`` for a convolution — with a 1 for the bias, ``δ`` the output gradient), so with
+  ``R_l = R_a ⊗ R_δ`` (``k = k_a k_δ``)
+
+  .. math::  R_l^\\top \\operatorname{vec}(G_i) = \\operatorname{vec}\\Big(\\sum_t (R_a^\\top ã_{i,t})\\,(R_δ^\\top δ_{i,t})^\\top\\Big)
+
+  is computed without ever forming ``G_i``: ``R_aᵀ ã`` is the layer itself applied with ``R_a``
+  as its kernel (a convolution for Conv layers), as in LoGra (Choe et al., "What is Your Data
+  Worth to GPT?", 2024). Cost per sample ``O(T(d_a k_a + d_out k_δ + k))`` instead of
+  ``O(P_l k)``. The Kronecker matrix is still unbiased (``E[R_l R_lᵀ] = I``) but its inner
+  products vary more than those of a dense ``R`` of the same ``k`` (the product of two
+  estimates from ``k_a`` and ``k_δ`` dimensions).
+
+Any other layer, or a model whose forward pass cannot be recorded, uses the dense projection of
+its per-sample gradients (closed form or jacobian).
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from ..common.compiled import compiled_method
+from ..common.datasets import Batch
+from .influence_model import InfluenceModel
+from .layer_rules import ConvRule, DenseRule, LayerCall
+
+CHUNK_ROWS = 2048
+KINDS = ("rademacher", "gaussian")
+_PART_DENSE, _PART_INPUT, _PART_OUTPUT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Settings of a seeded random projection of gradients to ``dimension`` coordinates.
+
+    Parameters
+    ----------
+    dimension
+        ``k``, the number of coordinates of each projected gradient.
+    seed
+        Seed of the random matrix: the same seed gives the same projection on every run.
+    kind
+        ``'rademacher'`` (entries ``±1/√k``, default) or ``'gaussian'`` (``N(0, 1/k)``).
+    structured
+        Project Dense and Conv layers as ``R_a ⊗ R_δ`` without forming their gradients
+        (default). ``False``: dense projection of every layer's gradients.
+    max_cached_bytes
+        A layer's dense matrix ``R_l`` smaller than this is generated once and kept; larger
+        ones are regenerated chunk by chunk at every batch (never held whole).
+    """
+
+    dimension: int
+    seed: int = 0
+    kind: str = "rademacher"
+    structured: bool = True
+    max_cached_bytes: int = 64 * 2**20
+
+    def __post_init__(self):
+        if isinstance(self.dimension, bool) or not isinstance(self.dimension, (int, np.integer)) or self.dimension < 1:
+            raise ValueError(f"Projection dimension must be a positive integer, got {self.dimension!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**31:
+            raise ValueError(f"Projection seed must be an integer in [0, 2**31), got {self.seed!r}.")
+        if self.kind not in KINDS:
+            raise ValueError(f"Projection kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.structured:
+            structured_factors(int(self.dimension))
+
+    def with_seed(self, seed: int) -> "Projection":
+        """The same settings with another seed (independent projections for several models)."""
+        return Projection(self.dimension, seed, self.kind, self.structured, self.max_cached_bytes)
+
+    def settings(self) -> dict:
+        """The settings as a JSON-able dict (for fingerprints)."""
+        return {
+            "dimension": int(self.dimension), "seed": int(self.seed), "kind": self.kind,
+            "structured": bool(self.structured), "chunk_rows": CHUNK_ROWS,
+        }
+
+
+def structured_factors(dimension: int) -> tuple[int, int]:
+    """``(k_a, k_δ)`` with ``k_a k_δ = k`` and ``k_δ`` the largest divisor of ``k`` not above ``√k``.
+
+    Raises ``ValueError`` when ``k`` has no divisor near ``√k`` (``4 k_δ² < k``, e.g. a prime).
+    """
+    output = max(d for d in range(1, math.isqrt(dimension) + 1) if dimension % d == 0)
+    if 4 * output * output < dimension:
+        raise ValueError(
+            f"A structured projection factors the dimension as k_a × k_δ, and {dimension} has no divisor near "
+            f"its square root (best {dimension // output} × {output}). Use a power of 2 or a square (e.g. 1024, "
+            "2048, 4096), or Projection(..., structured=False)."
+        )
+    return dimension // output, output
+
+
+def random_matrix(seed: int, salt: int, rows: int, columns: int, kind: str) -> tf.Tensor:
+    """A ``(rows, columns)`` float32 random matrix, entries of mean 0 and variance ``1/columns``,
+    from the stateless Philox RNG seeded by ``(seed, salt)``."""
+    return _stateless(tf.constant([seed, salt], dtype=tf.int64), rows, columns, kind)
+
+
+def _salt(layer: int, part: int, chunk: int = 0) -> int:
+    return (layer << 40) | (part << 32) | chunk
+
+
+def dense_matrix(projection: Projection, layer: int, rows: int) -> tf.Tensor:
+    """The whole ``(rows, k)`` dense projection matrix of a layer, chunk by chunk (for tests and caching)."""
+    chunks = [
+        random_matrix(projection.seed, _salt(layer, _PART_DENSE, c), min(CHUNK_ROWS, rows - start),
+                      projection.dimension, projection.kind)
+        for c, start in enumerate(range(0, rows, CHUNK_ROWS))
+    ]
+    return tf.concat(chunks, axis=0)
+
+
+def project_dense(gradients: tf.Tensor, projection: Projection, layer: int = 0) -> tf.Tensor:
+    """``gradients (B, P) @ R`` with ``R (P, k)`` generated and used one chunk of rows at a time.
+
+    Memory ``O(B·k + CHUNK_ROWS·k)`` on top of ``gradients``; the result does not depend on the batch.
+    """
+    gradients = tf.cast(gradients, tf.float32)
+    rows, k = int(gradients.shape[1]), projection.dimension
+    full, tail = divmod(rows, CHUNK_ROWS)
+    result = tf.zeros(tf.stack([tf.shape(gradients)[0], k]), tf.float32)
+    if full:
+        def body(chunk, total):
+            block = gradients[:, chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS]
+            seeds = tf.stack([tf.constant(projection.seed, tf.int64), _salt(layer, _PART_DENSE) + tf.cast(chunk, tf.int64)])
+            matrix = _stateless(seeds, CHUNK_ROWS, k, projection.kind)
+            return chunk + 1, total + tf.matmul(block, matrix)
+
+        _, result = tf.while_loop(lambda chunk, _: chunk < full, body, (tf.constant(0), result))
+    if tail:
+        matrix = random_matrix(projection.seed, _salt(layer, _PART_DENSE, full), tail, k, projection.kind)
+        result += tf.matmul(gradients[:, full * CHUNK_ROWS :], matrix)
+    return result
+
+
+def _stateless(seeds: tf.Tensor, rows: int, columns: int, kind: str) -> tf.Tensor:
+    """:func:`random_matrix` with a seed tensor (also usable inside a loop over chunks)."""
+    scale = 1.0 / math.sqrt(columns)
+    if kind == "gaussian":
+        return tf.random.stateless_normal([rows, columns], seeds, stddev=scale, alg="philox")
+    signs = tf.random.stateless_uniform([rows, columns], seeds, minval=0, maxval=2, dtype=tf.int32, alg="philox")
+    return tf.cast(2 * signs - 1, tf.float32) * scale
+
+
+class GradientProjector:
+    """Projected per-sample gradients ``Rᵀ ∇_θ ℓ(z_i)`` of an :class:`InfluenceModel`, batch by batch.
+
+    Parameters
+    ----------
+    model
+        The model and watched weights (its loss, or a measurement view from
+        :meth:`InfluenceModel.with_measurement`, is what is differentiated).
+    projection
+        The projection settings.
+
+    Notes
+    -----
+    Layer ``l`` (in :attr:`InfluenceModel.closed_form_layers` order) is projected with matrices
+    seeded by ``(projection.seed, l)``; two projectors with the same settings on models with the
+    same watched layer shapes give the same projection.
+    """
+
+    def __init__(self, model: InfluenceModel, projection: Projection):
+        if not isinstance(model, InfluenceModel):
+            raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
+        if not isinstance(projection, Projection):
+            raise TypeError(f"projection must be a Projection, got {type(projection).__name__}.")
+        self.model = model
+        self.projection = projection
+        self._factors: dict[int, tuple[tf.Tensor, tf.Tensor]] = {}
+        self._cached: dict[int, tf.Tensor] = {}
+
+    @property
+    def dimension(self) -> int:
+        """``k``, the number of coordinates of a projected gradient."""
+        return int(self.projection.dimension)
+
+    def _structured_rows(self, index: int) -> int | None:
+        """Rows of ``R_a`` (kernel input size, plus 1 for a watched bias) if layer ``index`` is projected
+        structurally, else ``None``."""
+        if not self.projection.structured or self.model._recorder is None:
+            return None
+        rule = self.model._recorder.rules[index]
+        watched = self.model._watched_mask(index)
+        if not isinstance(rule, (DenseRule, ConvRule)) or not watched[0]:
+            return None
+        kernel = self.model._recorder.parameters[index][0]
+        return int(np.prod(kernel.shape[:-1])) + (1 if len(watched) > 1 and watched[1] else 0)
+
+    def factors(self, index: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(R_a, R_δ)`` of structured layer ``index``: ``(d_a, k_a)`` and ``(d_out, k_δ)``; the layer's
+        projection matrix is their Kronecker product (rows in the order of its flat gradient)."""
+        if index not in self._factors:
+            rows = self._structured_rows(index)
+            if rows is None:
+                raise ValueError(f"Layer {index} is not projected structurally.")
+            k_a, k_out = structured_factors(self.dimension)
+            outputs = int(self.model._recorder.parameters[index][0].shape[-1])
+            seed, kind = self.projection.seed, self.projection.kind
+            with tf.init_scope():
+                self._factors[index] = (
+                    random_matrix(seed, _salt(index, _PART_INPUT), rows, k_a, kind),
+                    random_matrix(seed, _salt(index, _PART_OUTPUT), outputs, k_out, kind),
+                )
+        return self._factors[index]
+
+    def _structured(self, index: int, calls: list[LayerCall]) -> tf.Tensor:
+        layer, rule = self.model.closed_form_layers[index], self.model._recorder.rules[index]
+        input_factor, output_factor = self.factors(index)
+        kernel = self.model._recorder.parameters[index][0]
+        kernel_rows = int(np.prod(kernel.shape[:-1]))
+        projected_kernel = tf.reshape(input_factor[:kernel_rows], [*kernel.shape[:-1], input_factor.shape[1]])
+        projected_bias = input_factor[kernel_rows] if input_factor.shape[0] > kernel_rows else None
+        total = 0.0
+        for call in calls:
+            inputs = rule.preactivation(layer, tf.cast(call.inputs, tf.float32), [projected_kernel, projected_bias])
+            inputs = tf.reshape(inputs, [tf.shape(inputs)[0], -1, inputs.shape[-1]])
+            delta = tf.reshape(call.delta, [tf.shape(call.delta)[0], -1, call.delta.shape[-1]])
+            total += tf.einsum("bta,btd->bad", inputs, tf.matmul(delta, output_factor))
+        return tf.reshape(total, [-1, self.dimension])
+
+    def _dense(self, index: int, gradients: tf.Tensor) -> tf.Tensor:
+        rows = int(gradients.shape[1])
+        if rows * self.dimension * 4 <= self.projection.max_cached_bytes:
+            if index not in self._cached:
+                with tf.init_scope():
+                    self._cached[index] = dense_matrix(self.projection, index, rows)
+            return tf.matmul(tf.cast(gradients, tf.float32), self._cached[index])
+        return project_dense(gradients, self.projection, index)
+
+    @compiled_method
+    def project_tensor(self, batch: Batch) -> tf.Tensor:
+        """Projected per-sample gradients of one batch, shape ``(batch, k)``, float32."""
+        record = self.model._record(batch)
+        if record is None:
+            blocks = self.model._jacobian_blocks(batch)
+            return tf.add_n([self._dense(index, block) for index, block in enumerate(blocks)])
+        parts = []
+        for index, calls in enumerate(record.calls):
+            if self._structured_rows(index) is not None:
+                parts.append(self._structured(index, calls))
+            else:
+                parts.append(self._dense(index, self.model._summed_flat_gradients(index, calls)))
+        return tf.add_n(parts)
