@@ -242,7 +242,8 @@ class GradientProjector:
         return tf.reshape(total, [-1, self.dimension])
 
     def _dense(self, index: int, gradients: tf.Tensor) -> tf.Tensor:
-        rows = int(gradients.shape[1])
+        rows = sum(int(np.prod(w.shape)) for w in self.model.closed_form_layers[index].trainable_weights)
+        gradients = tf.reshape(gradients, [-1, rows])
         if rows * self.dimension * 4 <= self.projection.max_cached_bytes:
             if index not in self._cached:
                 with tf.init_scope():
