@@ -25,10 +25,15 @@ Two ways to apply ``R``, per watched layer, summed over layers into the same ``k
 
   is computed without ever forming ``G_i``: ``R_aᵀ ã`` is the layer itself applied with ``R_a``
   as its kernel (a convolution for Conv layers), as in LoGra (Choe et al., "What is Your Data
-  Worth to GPT?", 2024). Cost per sample ``O(T(d_a k_a + d_out k_δ + k))`` instead of
+  Worth to GPT?", 2024). Cost per sample ``O(T(d_a k_a + d_out k_δ + k_a k_δ))`` instead of
   ``O(P_l k)``. The Kronecker matrix is still unbiased (``E[R_l R_lᵀ] = I``) but its inner
   products vary more than those of a dense ``R`` of the same ``k`` (the product of two
-  estimates from ``k_a`` and ``k_δ`` dimensions).
+  estimates from ``k_a`` and ``k_δ`` dimensions), so a side small enough is not compressed at
+  all: its factor is a diagonal of random signs (``R Rᵀ = I``). With ``d_a`` and ``d_out`` the
+  two sides: if ``d_a d_out ≤ k`` neither side is compressed, else if ``d_out² ≤ k`` only ``a``
+  is (``k_a = ⌊k/d_out⌋``), else if ``d_a² ≤ k`` only ``δ`` is, else both (``k_δ = ⌊√k⌋``,
+  ``k_a = ⌊k/k_δ⌋``). Each layer's ``k_a k_δ`` coordinates follow the previous layer's (mod ``k``),
+  so while the layers' sizes add up to at most ``k`` the projection is an exact isometry.
 
 Any other layer, or a model whose forward pass cannot be recorded, uses the dense projection of
 its per-sample gradients (closed form or jacobian).
@@ -82,8 +87,6 @@ class Projection:
             raise ValueError(f"Projection seed must be an integer in [0, 2**31), got {self.seed!r}.")
         if self.kind not in KINDS:
             raise ValueError(f"Projection kind must be one of {KINDS}, got {self.kind!r}.")
-        if self.structured:
-            structured_factors(int(self.dimension))
 
     def with_seed(self, seed: int) -> "Projection":
         """The same settings with another seed (independent projections for several models)."""
@@ -95,21 +98,6 @@ class Projection:
             "dimension": int(self.dimension), "seed": int(self.seed), "kind": self.kind,
             "structured": bool(self.structured), "chunk_rows": CHUNK_ROWS,
         }
-
-
-def structured_factors(dimension: int) -> tuple[int, int]:
-    """``(k_a, k_δ)`` with ``k_a k_δ = k`` and ``k_δ`` the largest divisor of ``k`` not above ``√k``.
-
-    Raises ``ValueError`` when ``k`` has no divisor near ``√k`` (``4 k_δ² < k``, e.g. a prime).
-    """
-    output = max(d for d in range(1, math.isqrt(dimension) + 1) if dimension % d == 0)
-    if 4 * output * output < dimension:
-        raise ValueError(
-            f"A structured projection factors the dimension as k_a × k_δ, and {dimension} has no divisor near "
-            f"its square root (best {dimension // output} × {output}). Use a power of 2 or a square (e.g. 1024, "
-            "2048, 4096), or Projection(..., structured=False)."
-        )
-    return dimension // output, output
 
 
 def random_matrix(seed: int, salt: int, rows: int, columns: int, kind: str) -> tf.Tensor:
@@ -197,9 +185,9 @@ class GradientProjector:
         """``k``, the number of coordinates of a projected gradient."""
         return int(self.projection.dimension)
 
-    def _structured_rows(self, index: int) -> int | None:
-        """Rows of ``R_a`` (kernel input size, plus 1 for a watched bias) if layer ``index`` is projected
-        structurally, else ``None``."""
+    def _structured_shape(self, index: int) -> tuple[int, int] | None:
+        """``(d_a, d_out)`` (kernel input size plus 1 for a watched bias, output size) if layer ``index``
+        is projected structurally, else ``None``."""
         if not self.projection.structured or self.model._recorder is None:
             return None
         rule = self.model._recorder.rules[index]
@@ -207,28 +195,76 @@ class GradientProjector:
         if not isinstance(rule, (DenseRule, ConvRule)) or not watched[0]:
             return None
         kernel = self.model._recorder.parameters[index][0]
-        return int(np.prod(kernel.shape[:-1])) + (1 if len(watched) > 1 and watched[1] else 0)
+        return int(np.prod(kernel.shape[:-1])) + (1 if len(watched) > 1 and watched[1] else 0), int(kernel.shape[-1])
 
-    def factors(self, index: int) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(R_a, R_δ)`` of structured layer ``index``: ``(d_a, k_a)`` and ``(d_out, k_δ)``; the layer's
-        projection matrix is their Kronecker product (rows in the order of its flat gradient)."""
+    def _plans(self) -> dict[int, tuple[int, int, int]]:
+        """Per structured layer ``(k_a, k_δ, offset)``: a side whose Kronecker product with the other fits
+        in ``k`` is kept exact; consecutive layers fill consecutive coordinates (mod ``k``)."""
+        if not hasattr(self, "_plan_cache"):
+            plans, offset, k = {}, 0, self.dimension
+            for index in range(len(self.model.closed_form_layers)):
+                shape = self._structured_shape(index)
+                if shape is None:
+                    continue
+                inputs, outputs = shape
+                if inputs * outputs <= k:
+                    sizes = (inputs, outputs)
+                elif outputs * outputs <= k:
+                    sizes = (k // outputs, outputs)
+                elif inputs * inputs <= k:
+                    sizes = (inputs, k // inputs)
+                else:
+                    sizes = (k // math.isqrt(k), math.isqrt(k))
+                plans[index] = (*sizes, offset)
+                offset = (offset + sizes[0] * sizes[1]) % k
+            self._plan_cache = plans
+        return self._plan_cache
+
+    def _factor(self, index: int, part: int, rows: int, columns: int) -> tf.Tensor:
+        """A random ``(rows, columns)`` factor, or random signs on the diagonal when ``columns == rows``
+        (exact: ``R Rᵀ = I``)."""
+        if columns == rows:
+            signs = random_matrix(self.projection.seed, _salt(index, part), rows, 1, "rademacher")
+            return tf.linalg.diag(signs[:, 0])
+        return random_matrix(self.projection.seed, _salt(index, part), rows, columns, self.projection.kind)
+
+    def factors(self, index: int) -> tuple[tf.Tensor, tf.Tensor, int]:
+        """``(R_a, R_δ, offset)`` of structured layer ``index``: ``R_a (d_a, k_a)``, ``R_δ (d_out, k_δ)``
+        (a square factor is a diagonal of random signs: that side is not compressed). The layer's
+        projection matrix is ``R_a ⊗ R_δ`` (rows in the order of its flat gradient) with its
+        ``k_a k_δ`` columns placed at coordinates ``offset, offset + 1, …`` (mod ``k``)."""
         if index not in self._factors:
-            rows = self._structured_rows(index)
-            if rows is None:
+            shape = self._structured_shape(index)
+            if shape is None:
                 raise ValueError(f"Layer {index} is not projected structurally.")
-            k_a, k_out = structured_factors(self.dimension)
-            outputs = int(self.model._recorder.parameters[index][0].shape[-1])
-            seed, kind = self.projection.seed, self.projection.kind
+            k_a, k_out, offset = self._plans()[index]
             with tf.init_scope():
                 self._factors[index] = (
-                    random_matrix(seed, _salt(index, _PART_INPUT), rows, k_a, kind),
-                    random_matrix(seed, _salt(index, _PART_OUTPUT), outputs, k_out, kind),
+                    self._factor(index, _PART_INPUT, shape[0], k_a),
+                    self._factor(index, _PART_OUTPUT, shape[1], k_out),
+                    offset,
                 )
         return self._factors[index]
 
+    def layer_matrix(self, index: int) -> tf.Tensor:
+        """The whole ``(P_l, k)`` projection matrix of layer ``index`` (small layers and tests only)."""
+        shape = self._structured_shape(index)
+        if shape is None:
+            rows = sum(int(np.prod(w.shape)) for w in self.model.closed_form_layers[index].trainable_weights)
+            return dense_matrix(self.projection, index, rows)
+        input_factor, output_factor, offset = self.factors(index)
+        kron = tf.reshape(input_factor[:, None, :, None] * output_factor[None, :, None, :],
+                          [shape[0] * shape[1], -1])
+        return self._place(kron, offset)
+
+    def _place(self, features: tf.Tensor, offset: int) -> tf.Tensor:
+        """Columns of ``features`` at coordinates ``offset, offset + 1, …`` (mod k) of a k-vector."""
+        padded = tf.pad(features, [[0, 0], [0, self.dimension - features.shape[1]]])
+        return tf.roll(padded, shift=offset, axis=1) if offset else padded
+
     def _structured(self, index: int, calls: list[LayerCall]) -> tf.Tensor:
         layer, rule = self.model.closed_form_layers[index], self.model._recorder.rules[index]
-        input_factor, output_factor = self.factors(index)
+        input_factor, output_factor, offset = self.factors(index)
         kernel = self.model._recorder.parameters[index][0]
         kernel_rows = int(np.prod(kernel.shape[:-1]))
         projected_kernel = tf.reshape(input_factor[:kernel_rows], [*kernel.shape[:-1], input_factor.shape[1]])
@@ -239,7 +275,7 @@ class GradientProjector:
             inputs = tf.reshape(inputs, [tf.shape(inputs)[0], -1, inputs.shape[-1]])
             delta = tf.reshape(call.delta, [tf.shape(call.delta)[0], -1, call.delta.shape[-1]])
             total += tf.einsum("bta,btd->bad", inputs, tf.matmul(delta, output_factor))
-        return tf.reshape(total, [-1, self.dimension])
+        return self._place(tf.reshape(total, [-1, input_factor.shape[1] * output_factor.shape[1]]), offset)
 
     def _dense(self, index: int, gradients: tf.Tensor) -> tf.Tensor:
         rows = sum(int(np.prod(w.shape)) for w in self.model.closed_form_layers[index].trainable_weights)
@@ -260,7 +296,7 @@ class GradientProjector:
             return tf.add_n([self._dense(index, block) for index, block in enumerate(blocks)])
         parts = []
         for index, calls in enumerate(record.calls):
-            if self._structured_rows(index) is not None:
+            if self._structured_shape(index) is not None:
                 parts.append(self._structured(index, calls))
             else:
                 parts.append(self._dense(index, self.model._summed_flat_gradients(index, calls)))

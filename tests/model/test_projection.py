@@ -14,7 +14,6 @@ from influence_lib.model.projection import (
     Projection,
     dense_matrix,
     project_dense,
-    structured_factors,
 )
 
 
@@ -62,10 +61,6 @@ def test_projection_settings_are_checked():
         Projection(16, kind="sparse")
     with pytest.raises(ValueError, match="seed"):
         Projection(16, seed=-1)
-    with pytest.raises(ValueError, match="no divisor near"):
-        Projection(1021)
-    assert structured_factors(2048) == (64, 32)
-    assert Projection(1021, structured=False).dimension == 1021
     with pytest.raises(TypeError, match="InfluenceModel"):
         GradientProjector(keras.Sequential([keras.layers.Dense(2)]), Projection(4))
 
@@ -98,11 +93,13 @@ def test_projected_gradients_equal_the_materialized_gradients_times_the_projecti
     projected = projector.project_tensor((inputs, targets)).numpy()
     expected = 0.0
     for index, block in enumerate(wrapped.batch_jacobian_blocks((inputs, targets))):
+        matrix = projector.layer_matrix(index).numpy()
         if structured:
-            input_factor, output_factor = projector.factors(index)
-            matrix = np.kron(input_factor.numpy(), output_factor.numpy())
+            input_factor, output_factor, offset = projector.factors(index)
+            kron = np.kron(input_factor.numpy(), output_factor.numpy())
+            np.testing.assert_array_equal(np.roll(matrix, -offset, axis=1)[:, : kron.shape[1]], kron)
         else:
-            matrix = dense_matrix(projector.projection, index, block.shape[1]).numpy()
+            np.testing.assert_array_equal(matrix, dense_matrix(projector.projection, index, block.shape[1]).numpy())
         expected = expected + block.numpy().astype(np.float64) @ matrix
     np.testing.assert_allclose(projected, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
@@ -133,15 +130,15 @@ def test_structured_and_dense_projections_of_a_dense_layer_have_the_inner_produc
     augmented = np.concatenate([inputs, np.ones((2, 1))], axis=1).astype(np.float64)
     delta = gradients[:, -10:]  # ∂ℓ/∂b = δ
     k, seeds = 64, 500
-    k_a, k_out = structured_factors(k)
     true = gradients[0] @ gradients[1]
     dense, structured = [], []
     for seed in range(seeds):
         projection = Projection(k, seed=seed, kind="gaussian")
         matrix = dense_matrix(projection, 0, gradients.shape[1]).numpy()
         dense.append((gradients[0] @ matrix) @ (gradients[1] @ matrix))
-        input_factor, output_factor = (f.numpy() for f in GradientProjector(wrapped, projection).factors(0))
-        kron = np.kron(input_factor, output_factor)
+        input_factor, output_factor, _ = GradientProjector(wrapped, projection).factors(0)
+        k_a, k_out = input_factor.shape[1], output_factor.shape[1]
+        kron = np.kron(input_factor.numpy(), output_factor.numpy())
         structured.append((gradients[0] @ kron) @ (gradients[1] @ kron))
     dense, structured = np.array(dense), np.array(structured)
 
@@ -157,4 +154,23 @@ def test_structured_and_dense_projections_of_a_dense_layer_have_the_inner_produc
     for values, theory in ((dense, theory_dense), (structured, theory_structured)):
         assert abs(values.mean() - true) < 4 * math.sqrt(theory / seeds)
         assert 0.7 * theory < values.var() < 1.3 * theory
+    assert (k_a, k_out) == (8, 8)  # 21 × 10 inputs: both sides compressed
     assert theory_structured > theory_dense
+
+
+def test_small_layers_are_embedded_exactly_and_the_structured_projection_is_then_an_isometry():
+    """Layers whose sizes add up to at most k keep every inner product exactly (signed coordinates)."""
+    model = keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3, activation="softmax"),
+    ])
+    wrapped = InfluenceModel(model, start_layer=0, last_layer=1)
+    inputs = np.random.normal(size=(7, 6)).astype(np.float32)
+    targets = np.eye(3, dtype=np.float32)[np.random.randint(3, size=7)]
+    gradients = wrapped.batch_jacobian_tensor((inputs, targets)).numpy()  # 35 + 18 = 53 parameters
+    projected = GradientProjector(wrapped, Projection(64, seed=1)).project_tensor((inputs, targets)).numpy()
+    np.testing.assert_allclose(projected @ projected.T, gradients @ gradients.T, rtol=1e-4, atol=1e-6)
+    # a last layer of 10 classes: δ kept exact, only the input side compressed
+    head = keras.Sequential([keras.Input((300,)), keras.layers.Dense(10, activation="softmax")])
+    input_factor, output_factor, _ = GradientProjector(InfluenceModel(head), Projection(1024)).factors(0)
+    assert input_factor.shape == (301, 102) and output_factor.shape == (10, 10)
+    np.testing.assert_array_equal(np.abs(output_factor.numpy()), np.eye(10))
