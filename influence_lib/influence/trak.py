@@ -11,8 +11,12 @@ training features ``φ_m(z_i) = R_mᵀ ∇_θ f_m(z_i)``:
 
 where ``p_m(z_i) = σ(f_m(z_i))`` is the probability the model gives the label of ``z_i`` (the
 weighting ``Q`` of the paper, averaged over the ensemble separately as in its Algorithm 1 and
-in ``traker``). Positive: ``z_i`` raises the margin of ``t`` (it helps ``t``), as every
-method of the library. With ``projection=None`` the features are the gradients themselves.
+in ``traker``). ``τ`` is the predicted change of the margin of ``t`` when ``z_i`` is included
+in the training set (one Newton step of the logistic loss ``−log σ(f)``, whose gradient is
+``−(1 − p)∇f``): positive means ``z_i`` helps ``t``, the library's sign. With
+``measurement='loss'`` (weight 1) the same formula is ``∇ℓ(t)ᵀ(ΦᵀΦ + λI)⁻¹∇ℓ(z_i)``, positive
+again when ``z_i`` lowers the loss of ``t``. With ``projection=None`` the features are the
+gradients themselves.
 
 The kernel ``(Φ_mᵀΦ_m + λI)⁻¹`` needs every training feature once: the training set is passed
 at construction and featurized batch by batch (memory ``O(batch · k + k²)`` per model),
@@ -161,7 +165,8 @@ class TRAK(BaseInfluenceCalculator):
             "weights": [fingerprint_variables(model.model.weights) for model in self.models],
             "data": fingerprint_dataset(train_set),
             "projection": None if self.projection is None else self.projection.settings(),
-            "measurement": self.measurement if isinstance(self.measurement, str) else repr(self.measurement),
+            "measurement": self.measurement if isinstance(self.measurement, str) else getattr(
+                self.measurement, "__qualname__", type(self.measurement).__name__),
         }
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
