@@ -154,6 +154,47 @@ class TRAK(BaseInfluenceCalculator):
         wrapped = [InfluenceModel(model, **influence_model_kwargs) for model in models]
         return cls(wrapped, train_set, projection, damping, measurement, feature_store, show_progress)
 
+    @classmethod
+    def from_checkpoints(
+        cls,
+        model: keras.Model,
+        paths: Sequence[str],
+        train_set: tf.data.Dataset,
+        projection: Projection | None = DEFAULT_PROJECTION,
+        damping: float = 0.0,
+        measurement: "str | Measurement" = "margin",
+        feature_store: str | None = None,
+        show_progress: bool = True,
+        **influence_model_kwargs,
+    ) -> "TRAK":
+        """TRAK over checkpoints of one training run (``.weights.h5`` files saved from ``model``'s architecture).
+
+        Each checkpoint is loaded into its own clone of ``model`` (``model`` is left untouched);
+        e.g. the paths a :class:`~influence_lib.influence.tracin_checkpoint.TracInCheckpoint` recorded.
+
+        Parameters
+        ----------
+        model
+            A model with the architecture the weights were saved from.
+        paths
+            The weight files.
+        train_set, projection, damping, measurement, feature_store, show_progress
+            As for :class:`TRAK`.
+        **influence_model_kwargs
+            Passed to every :class:`InfluenceModel`.
+        """
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+        if isinstance(paths, str) or not isinstance(paths, Sequence) or not paths:
+            raise ValueError("paths must be a non-empty list of weight files (.weights.h5), one per checkpoint.")
+        clones = []
+        for path in progress(paths, show_progress, "Loading checkpoints"):
+            clone = keras.models.clone_model(model)
+            clone.load_weights(path)
+            clones.append(clone)
+        return cls.from_models(clones, train_set, projection, damping, measurement, feature_store, show_progress,
+                               **influence_model_kwargs)
+
     @property
     def dimension(self) -> int:
         """``k``, the number of features per model (``P`` without projection)."""

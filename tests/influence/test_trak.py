@@ -105,6 +105,27 @@ def test_an_ensemble_averages_the_kernel_terms_and_the_weights():
     assert not np.allclose(pairwise, single, rtol=0.05)
 
 
+def test_from_checkpoints_loads_each_checkpoint_into_a_clone(tmp_path):
+    models = [_model(0), _model(1)]
+    paths = []
+    for index, model in enumerate(models):
+        paths.append(str(tmp_path / f"checkpoint_{index}.weights.h5"))
+        model.save_weights(paths[-1])
+    x_train, y_train = _data(30, 3)
+    x_test, y_test = _data(5, 4)
+    architecture = _model(9)
+    before = [w.numpy().copy() for w in architecture.weights]
+    trak = il.TRAK.from_checkpoints(architecture, paths, _dataset(x_train, y_train), projection=None, damping=0.1,
+                                    show_progress=False)
+    expected = _expected_trak(models, x_train, y_train, x_test, y_test, 0.1)
+    pairwise = trak.influence_between_batches((x_test, y_test), (x_train, y_train)).numpy()
+    np.testing.assert_allclose(pairwise, expected, rtol=2e-4, atol=2e-5)
+    for old, new in zip(before, architecture.weights):
+        np.testing.assert_array_equal(old, new.numpy())
+    with pytest.raises(ValueError, match="non-empty list"):
+        il.TRAK.from_checkpoints(architecture, "one.weights.h5", _dataset(x_train, y_train))
+
+
 def test_projected_trak_is_the_closed_form_on_the_projected_features():
     """With a projection R, TRAK is the same formula on the features Rᵀ∇f (seed + m for model m)."""
     models = [_model(0), _model(5)]
