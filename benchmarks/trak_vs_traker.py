@@ -62,7 +62,13 @@ def ours(model, x_train, y_train, x_test, y_test, projection, batch_size):
     ]
     seconds = time.perf_counter() - start
     features, _ = trak.features_tensor((x_train, y_train))
-    return np.concatenate(rows), seconds, int(np.linalg.matrix_rank(features.numpy()[:, 0].astype(np.float64)))
+    return np.concatenate(rows), seconds, float32_rank(features.numpy()[:, 0])
+
+
+def float32_rank(matrix: np.ndarray) -> int:
+    """Numerical rank of a float32 matrix (singular values above ``σ_max · max(shape) · eps_float32``)."""
+    singular_values = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+    return int((singular_values > singular_values[0] * max(matrix.shape) * np.finfo(np.float32).eps).sum())
 
 
 def theirs(peer_python, model, x_train, y_train, x_test, y_test, proj_dim, batch_size):
