@@ -35,7 +35,7 @@ class IndependentTRAKFactory(CalculatorFactory):
     """TRAK over the explained model and ``nb_models − 1`` more trained from other seeds."""
 
     effect_sign = 1.0
-    procedure: SGDTrainingProcedure = SGDTrainingProcedure()
+    procedure: SGDTrainingProcedure | None = None
     data: object = None
     nb_models: int = 10
     dimension: int = 1024
