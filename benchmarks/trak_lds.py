@@ -10,8 +10,8 @@ Uses the faithfulness harness of :mod:`influence_lib.benchmark` (ground truth: `
 retrained on random halves of the training set, resumable under ``OUT/ground_truth``; no noise
 ceiling). TRAK over ``--ensemble`` independently trained models needs the training procedure, so it
 is defined here (it trains ``ensemble − 1`` more models with other seeds, on the whole training
-set, and adds them to the model being explained); the other methods come from the registry.
-Every method watches all layers.
+set, and adds them to the model being explained); the other methods come from the registry and
+watch the last layer (the registry's default); TRAK is also run on all layers.
 """
 import argparse
 import dataclasses
@@ -32,13 +32,15 @@ from influence_lib.model.projection import Projection
 
 @dataclasses.dataclass(frozen=True)
 class IndependentTRAKFactory(CalculatorFactory):
-    """TRAK over the explained model and ``nb_models − 1`` more trained from other seeds."""
+    """TRAK over the explained model and ``nb_models − 1`` more trained from other seeds (all layers
+    watched, or the last one)."""
 
     effect_sign = 1.0
     procedure: SGDTrainingProcedure | None = None
     data: object = None
     nb_models: int = 10
-    dimension: int = 1024
+    dimension: int = 256
+    all_layers: bool = True
 
     def build(self, trained, train_set, measurement=None) -> TRAK:
         data = self.data
@@ -46,8 +48,8 @@ class IndependentTRAKFactory(CalculatorFactory):
         for index in range(1, self.nb_models):
             models.append(self.procedure.train(data.x_train, data.y_train, data.x_test, data.y_test,
                                                trained.seed + 7919 * index).model)
-        wrapped = [InfluenceModel(m, start_layer=0, last_layer=len(m.layers) - 1,
-                                  loss_function=trained.loss_function) for m in models]
+        layers = dict(start_layer=0, last_layer=len(trained.model.layers) - 1) if self.all_layers else {}
+        wrapped = [InfluenceModel(m, loss_function=trained.loss_function, **layers) for m in models]
         return TRAK(wrapped, train_set, Projection(self.dimension, seed=trained.seed),
                     measurement=measurement or "margin", show_progress=False)
 
@@ -60,7 +62,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--ensemble", type=int, default=10)
-    parser.add_argument("--proj-dim", type=int, default=1024)
+    parser.add_argument("--proj-dim", type=int, default=256)
     parser.add_argument("--out", default="trak_lds")
     args = parser.parse_args()
     cli = build_lds_parser().parse_args(["--dataset", "digits", "--train-size", str(args.train_size),
@@ -70,16 +72,17 @@ def main():
                                      momentum=0.9, checkpoint_every_n_epochs=max(1, args.epochs // 5))
     evaluator = FaithfulnessEvaluator(data, procedure, SubsetRetraining(nb_subsets=args.subsets), noise_ceiling=False,
                                       store_path=os.path.join(args.out, "ground_truth"))
-    every_layer = {"start_layer": 0}
+    k, m = args.proj_dim, args.ensemble
     methods = {
-        "first_order_exact (λ=1e-3)": dataclasses.replace(METHODS["first_order_exact"], damping=1e-3, **every_layer),
-        "first_order_exact (λ=1e-3, last layer)": dataclasses.replace(METHODS["first_order_exact"], damping=1e-3),
-        "tracin": dataclasses.replace(METHODS["tracin"], **every_layer),
-        "grad_dot": dataclasses.replace(METHODS["grad_dot"], **every_layer),
-        "grad_cos": dataclasses.replace(METHODS["grad_cos"], **every_layer),
-        "trak (1 model)": TRAKFactory(dimension=args.proj_dim, **every_layer),
-        "trak (5 checkpoints)": TRAKFactory(dimension=args.proj_dim, checkpoints=True, **every_layer),
-        f"trak ({args.ensemble} models)": IndependentTRAKFactory(procedure, data, args.ensemble, args.proj_dim),
+        "first_order_exact (λ=1e-3)": dataclasses.replace(METHODS["first_order_exact"], damping=1e-3),
+        "tracin": METHODS["tracin"],
+        "grad_dot": METHODS["grad_dot"],
+        "grad_cos": METHODS["grad_cos"],
+        "trak (1 model)": TRAKFactory(dimension=k),
+        "trak (5 checkpoints)": TRAKFactory(dimension=k, checkpoints=True),
+        f"trak ({m} models)": IndependentTRAKFactory(procedure, data, m, k, all_layers=False),
+        "trak (1 model, all layers)": IndependentTRAKFactory(procedure, data, 1, k),
+        f"trak ({m} models, all layers)": IndependentTRAKFactory(procedure, data, m, k),
     }
     results = evaluator.evaluate(methods)
     keras.backend.clear_session()
