@@ -39,7 +39,7 @@ class IndependentTRAKFactory(CalculatorFactory):
     procedure: SGDTrainingProcedure | None = None
     data: object = None
     nb_models: int = 10
-    dimension: int = 256
+    dimension: int | None = 256
     all_layers: bool = True
 
     def build(self, trained, train_set, measurement=None) -> TRAK:
@@ -50,7 +50,8 @@ class IndependentTRAKFactory(CalculatorFactory):
                                                trained.seed + 7919 * index).model)
         layers = dict(start_layer=0, last_layer=len(trained.model.layers) - 1) if self.all_layers else {}
         wrapped = [InfluenceModel(m, loss_function=trained.loss_function, **layers) for m in models]
-        return TRAK(wrapped, train_set, Projection(self.dimension, seed=trained.seed),
+        projection = None if self.dimension is None else Projection(self.dimension, seed=trained.seed)
+        return TRAK(wrapped, train_set, projection,
                     measurement=measurement or "margin", show_progress=False)
 
 
@@ -83,6 +84,9 @@ def main():
         f"trak ({m} models)": IndependentTRAKFactory(procedure, data, m, k, all_layers=False),
         "trak (1 model, all layers)": IndependentTRAKFactory(procedure, data, 1, k),
         f"trak ({m} models, all layers)": IndependentTRAKFactory(procedure, data, m, k),
+        "trak (1 model, no projection)": TRAKFactory(dimension=None),
+        f"trak ({m} models, no projection)": IndependentTRAKFactory(procedure, data, m, None, all_layers=False),
+        f"trak ({3 * m} models, all layers)": IndependentTRAKFactory(procedure, data, 3 * m, k),
     }
     results = evaluator.evaluate(methods)
     keras.backend.clear_session()
