@@ -38,7 +38,7 @@ from ..common.storage import ShardStore, fingerprint_dataset, fingerprint_variab
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
 from ..model.projection import GradientProjector, Projection
-from .base import BaseInfluenceCalculator, VALUE_DTYPE
+from .base import VALUE_DTYPE, BaseInfluenceCalculator, _check_finite
 
 DEFAULT_PROJECTION = Projection(2048)
 
@@ -120,7 +120,9 @@ class TRAK(BaseInfluenceCalculator):
             else [GradientProjector(m, projection.with_seed(projection.seed + i)) for i, m in enumerate(self.query_models)]
         )
         self.models[0].check_dataset(train_set, "train_set")
-        self._store = None if feature_store is None else ShardStore(feature_store, self._fingerprint(train_set), "TRAK features")
+        fingerprint = None if feature_store is None else self._fingerprint(train_set)
+        self._store = None if fingerprint is None else ShardStore(feature_store, fingerprint, "TRAK features")
+        self._train_fingerprint = None if fingerprint is None else fingerprint["data"]
         self.kernels = self._fit_kernels(train_set)
 
     @classmethod
@@ -274,7 +276,6 @@ class TRAK(BaseInfluenceCalculator):
             count += int(features.shape[0])
         if self._store is not None:
             self._store.mark_complete(samples=count)
-        self._train_fingerprint = None if self._store is None else fingerprint_dataset(train_set)
         regularized = gram + self.damping * tf.eye(self.dimension, dtype=tf.float64)
         if self.damping > 0:
             return list(tf.unstack(tf.linalg.inv(regularized)))
@@ -291,8 +292,10 @@ class TRAK(BaseInfluenceCalculator):
         if self._store is None or fingerprint_dataset(train_set) != self._train_fingerprint:
             yield from super()._influence_vector_batches(train_set)
             return
+        offset = 0
         for batch, features, weights in self._feature_batches(train_set, "Influence vectors"):
-            yield batch, self._vectors(features, weights)
+            yield batch, _check_finite(self._vectors(features, weights), offset, "Influence vectors")
+            offset += batch_size_of(batch)
 
     def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
         return self._vectors(*self.features_tensor(train_samples))

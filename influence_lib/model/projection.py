@@ -177,8 +177,9 @@ class GradientProjector:
             raise TypeError(f"projection must be a Projection, got {type(projection).__name__}.")
         self.model = model
         self.projection = projection
-        self._factors: dict[int, tuple[tf.Tensor, tf.Tensor]] = {}
+        self._factors: dict[int, tuple[tf.Tensor, tf.Tensor, int]] = {}
         self._cached: dict[int, tf.Tensor] = {}
+        self._plan_cache: dict[int, tuple[int, int, int]] | None = None
 
     @property
     def dimension(self) -> int:
@@ -200,7 +201,7 @@ class GradientProjector:
     def _plans(self) -> dict[int, tuple[int, int, int]]:
         """Per structured layer ``(k_a, k_δ, offset)``: a side whose Kronecker product with the other fits
         in ``k`` is kept exact; consecutive layers fill consecutive coordinates (mod ``k``)."""
-        if not hasattr(self, "_plan_cache"):
+        if self._plan_cache is None:
             plans, offset, k = {}, 0, self.dimension
             for index in range(len(self.model.closed_form_layers)):
                 shape = self._structured_shape(index)
