@@ -51,6 +51,12 @@ def _check_models(models) -> list[InfluenceModel]:
     for model in models:
         if not isinstance(model, InfluenceModel):
             raise TypeError(f"models must contain InfluenceModel objects, got {type(model).__name__}.")
+    sizes = [model.nb_params for model in models]
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"The models of an ensemble must watch the same weights, but they watch {sizes} parameters: use models "
+            "of one architecture and the same start_layer / last_layer for each."
+        )
     return list(models)
 
 
@@ -124,6 +130,7 @@ class TRAK(BaseInfluenceCalculator):
         self._store = None if fingerprint is None else ShardStore(feature_store, fingerprint, "TRAK features")
         self._train_fingerprint = None if fingerprint is None else fingerprint["data"]
         self.kernels = self._fit_kernels(train_set)
+        self._stacked_kernels = tf.stack(self.kernels)
 
     @classmethod
     def from_models(
@@ -283,8 +290,7 @@ class TRAK(BaseInfluenceCalculator):
 
     def _vectors(self, features: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         """``ψ(z) = concat_m K_m φ_m(z) · q̄(z) / M``, shape ``(batch, M·k)``."""
-        kernels = tf.stack(self.kernels)
-        solved = tf.einsum("bmi,mij->bmj", tf.cast(features, tf.float64), kernels)
+        solved = tf.einsum("bmi,mij->bmj", tf.cast(features, tf.float64), self._stacked_kernels)
         scaled = solved * tf.cast(weights, tf.float64)[:, None, None] / len(self.models)
         return tf.cast(tf.reshape(scaled, [tf.shape(scaled)[0], -1]), VALUE_DTYPE)
 

@@ -155,6 +155,9 @@ def test_bad_arguments_are_clear_errors():
         il.TRAK(il.InfluenceModel(_model(0)), train_set, projection=64)
     with pytest.raises(ValueError, match="damping"):
         il.TRAK(il.InfluenceModel(_model(0)), train_set, damping=-1.0)
+    wider = keras.Sequential([keras.Input((IN_DIM,)), keras.layers.Dense(CLASSES + 1, activation="softmax")])
+    with pytest.raises(ValueError, match="same weights"):
+        il.TRAK([il.InfluenceModel(_model(0)), il.InfluenceModel(wider)], train_set)
     with pytest.raises(TypeError, match="keras.Model"):
         il.TRAK.from_models([il.InfluenceModel(_model(0))], train_set)
     with pytest.raises(ValueError, match="at least 2 classes"):
