@@ -60,6 +60,15 @@ def _check_models(models) -> list[InfluenceModel]:
     return list(models)
 
 
+def _psd_pseudo_inverse(matrices: tf.Tensor) -> tf.Tensor:
+    """Pseudo-inverses of symmetric positive semi-definite matrices ``(..., k, k)`` by eigendecomposition
+    (eigenvalues below ``k · eps · λ_max`` are dropped, as ``numpy.linalg.pinv`` does with singular values)."""
+    values, vectors = tf.linalg.eigh(matrices)
+    cutoff = tf.reduce_max(values, axis=-1, keepdims=True) * matrices.shape[-1] * np.finfo(np.float64).eps
+    inverse = tf.where(values > cutoff, 1.0 / tf.where(values > cutoff, values, 1.0), 0.0)
+    return tf.matmul(vectors * inverse[..., None, :], vectors, transpose_b=True)
+
+
 def _shard_name(index: int) -> str:
     return f"batch_{index:06d}"
 
@@ -77,7 +86,8 @@ class TRAK(BaseInfluenceCalculator):
     projection
         The random projection (default ``Projection(2048)``, structured, Rademacher); model ``m``
         uses seed ``projection.seed + m``. ``None``: no projection (``k = P``, exact but
-        ``P × P`` kernels — small models only).
+        ``P × P`` kernels — small models only); a projection to ``k ≥ P`` coordinates is replaced
+        by no projection (exact and cheaper).
     damping
         ``λ``. 0 (default, as ``traker``) takes the pseudo-inverse of ``Φ_mᵀΦ_m``; use
         ``λ > 0`` when the training set has fewer samples than ``k``.
@@ -115,6 +125,8 @@ class TRAK(BaseInfluenceCalculator):
             raise TypeError(f"projection must be a Projection or None, got {type(projection).__name__}.")
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not np.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
+        if projection is not None and projection.dimension >= self.models[0].nb_params:
+            projection = None
         self.projection = projection
         self.damping = float(damping)
         self.measurement = measurement
@@ -283,10 +295,9 @@ class TRAK(BaseInfluenceCalculator):
             count += int(features.shape[0])
         if self._store is not None:
             self._store.mark_complete(samples=count)
-        regularized = gram + self.damping * tf.eye(self.dimension, dtype=tf.float64)
         if self.damping > 0:
-            return list(tf.unstack(tf.linalg.inv(regularized)))
-        return list(tf.unstack(tf.linalg.pinv(regularized)))
+            return list(tf.unstack(tf.linalg.inv(gram + self.damping * tf.eye(self.dimension, dtype=tf.float64))))
+        return list(tf.unstack(_psd_pseudo_inverse(gram)))
 
     def _vectors(self, features: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         """``ψ(z) = concat_m K_m φ_m(z) · q̄(z) / M``, shape ``(batch, M·k)``."""

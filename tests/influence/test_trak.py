@@ -73,10 +73,11 @@ def _pairwise(calculator, test_set, train_set, **kwargs):
     return np.concatenate(rows)
 
 
-@pytest.mark.parametrize("damping", [0.0, 0.5])
-def test_trak_without_projection_equals_its_numpy_closed_form(damping):
+@pytest.mark.parametrize("damping, nb_train", [(0.0, 40), (0.5, 40), (0.0, 9)])
+def test_trak_without_projection_equals_its_numpy_closed_form(damping, nb_train):
+    """Also with fewer training samples (9) than parameters (15): ΦᵀΦ is singular, its pseudo-inverse is used."""
     model = _model(0)
-    x_train, y_train = _data(40, 1)
+    x_train, y_train = _data(nb_train, 1)
     x_test, y_test = _data(6, 2)
     train_set, test_set = _dataset(x_train, y_train), _dataset(x_test, y_test, 4)
     trak = il.TRAK(il.InfluenceModel(model), train_set, projection=None, damping=damping, show_progress=False)
@@ -90,6 +91,11 @@ def test_trak_without_projection_equals_its_numpy_closed_form(damping):
     np.testing.assert_allclose(self_values, self_expected, rtol=2e-4, atol=2e-5)
     top = next(iter(trak.top_k(test_set, train_set, k=3, influence_vector_in_cache=CACHE.NO_CACHE)))
     np.testing.assert_array_equal(top[3].numpy(), np.argsort(-expected[:4], axis=1)[:, :3])
+    wide = il.TRAK(il.InfluenceModel(model), train_set, projection=il.Projection(64), damping=damping,
+                   show_progress=False)
+    assert wide.projection is None  # k ≥ P: the gradients themselves
+    np.testing.assert_allclose(wide.influence_between_batches((x_test, y_test), (x_train, y_train)).numpy(), expected,
+                               rtol=2e-4, atol=2e-5)
 
 
 def test_an_ensemble_averages_the_kernel_terms_and_the_weights():
@@ -188,7 +194,7 @@ _CRASHING_FEATURIZATION = textwrap.dedent(
 
     storage.ShardStore.write = write_then_die
     train_set = tf.data.Dataset.from_tensor_slices((data["x"], data["y"])).batch(8)
-    il.TRAK(il.InfluenceModel(model), train_set, projection=il.Projection(16, seed=1), feature_store=sys.argv[2],
+    il.TRAK(il.InfluenceModel(model), train_set, projection=il.Projection(8, seed=1), feature_store=sys.argv[2],
             show_progress=False)
     """
 )
@@ -213,7 +219,7 @@ def test_feature_shards_survive_a_crash_resume_and_reload_identically(tmp_path, 
     monkeypatch.setattr(storage.ShardStore, "write",
                         lambda self, name, **arrays: (writes.append(name), original(self, name, **arrays))[1])
     train_set, test_set = _dataset(x_train, y_train), _dataset(x_test, y_test, 5)
-    projection = il.Projection(16, seed=1)
+    projection = il.Projection(8, seed=1)
     resumed = il.TRAK(il.InfluenceModel(model), train_set, projection=projection, feature_store=store,
                       show_progress=False)
     assert writes == ["batch_000002", "batch_000003", "batch_000004"]
