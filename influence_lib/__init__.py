@@ -12,6 +12,7 @@ from .curvature import (
     ConjugateGradientDescentIHVP,
     ExactIHVP,
     ExactIHVPFactory,
+    ForwardOverBackwardHVP,
     HessianOperator,
     IHVPCalculator,
     InverseHessianVectorProduct,
@@ -38,7 +39,8 @@ from .influence.second_order import SecondOrderInfluenceCalculator
 from .influence.tracin import TracIn
 from .influence.trak import TRAK
 from .influence.tracin_checkpoint import TracInCheckpoint
-from .model import GradientProjector, InfluenceModel, Projection, default_process_batch
+from . import utils
+from .model import BaseInfluenceModel, GradientProjector, InfluenceModel, Projection, default_process_batch
 
 __version__ = "0.1.0"
 
@@ -49,11 +51,13 @@ __all__ = [
     "ArnoldiIHVPFactory",
     "ArnoldiInfluenceCalculator",
     "BaseInfluenceCalculator",
+    "BaseInfluenceModel",
     "CGDIHVPFactory",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
     "FirstOrderInfluenceCalculator",
+    "ForwardOverBackwardHVP",
     "GradCos",
     "GradDot",
     "GradientProjector",

@@ -104,7 +104,7 @@ class ExactIHVP(InverseHessianVectorProduct):
             if not np.isfinite(hessian).all():
                 raise NonFiniteError("train_hessian contains NaN or infinite values.")
             hessian = 0.5 * (hessian + hessian.T)
-        dtype = model.weights[0].dtype
+        dtype = model.dtype
         self.hessian = tf.constant(hessian, dtype=dtype)
         self.inv_hessian = tf.constant(pseudo_inverse(hessian, self.damping), dtype=dtype)
 

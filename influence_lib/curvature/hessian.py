@@ -69,7 +69,7 @@ class HessianOperator:
         ``chunk_size`` vectors.
         """
         dim = self.dim
-        dtype = self.model.weights[0].dtype
+        dtype = self.model.dtype
         blocks = [tf.one_hot(tf.range(start, min(start + chunk_size, dim)), dim, dtype=dtype)
                   for start in range(0, dim, chunk_size)] if dim > chunk_size else []
         total = np.zeros((dim, dim), dtype=dtype.as_numpy_dtype)
@@ -130,7 +130,7 @@ def _check_gauss_newton(model: InfluenceModel) -> tuple[bool, list[bool]]:
             f"but the loss has from_logits={from_logits} (needs {'linear' if from_logits else 'softmax'})"
         )
     parameters = [p.value.ref() if p is not None else None for p in DenseRule.parameters(layer)]
-    watched = [p is not None and p in {w.ref() for w in model.weights} for p in parameters]
+    watched = [p is not None and p in {w.ref() for w in model.tf_variables} for p in parameters]
     return isinstance(loss, keras.losses.SparseCategoricalCrossentropy), watched
 
 
@@ -169,7 +169,7 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
     for batch in batches:
         total += _gauss_newton_batch(model, batch, sparse, tuple(watched)).numpy()
         count += batch_size_of(batch)
-    return tf.cast(_finite_symmetric(total / count), model.weights[0].dtype)
+    return tf.cast(_finite_symmetric(total / count), model.dtype)
 
 
 def _gauss_newton_batch(model: InfluenceModel, batch, sparse: bool, watched: tuple[bool, bool]) -> tf.Tensor:

@@ -186,6 +186,10 @@ class GradientProjector:
         """``k``, the number of coordinates of a projected gradient."""
         return int(self.projection.dimension)
 
+    def _layer_rows(self, index: int) -> int:
+        """``P_l``, the number of watched parameters of layer ``index``."""
+        return sum(int(np.prod(w.shape)) for w in self.model._closed_form_weights[index])
+
     def _structured_shape(self, index: int) -> tuple[int, int] | None:
         """``(d_a, d_out)`` (kernel input size plus 1 for a watched bias, output size) if layer ``index``
         is projected structurally, else ``None``."""
@@ -251,7 +255,7 @@ class GradientProjector:
         """The whole ``(P_l, k)`` projection matrix of layer ``index`` (small layers and tests only)."""
         shape = self._structured_shape(index)
         if shape is None:
-            rows = sum(int(np.prod(w.shape)) for w in self.model.closed_form_layers[index].trainable_weights)
+            rows = self._layer_rows(index)
             return dense_matrix(self.projection, index, rows)
         input_factor, output_factor, offset = self.factors(index)
         kron = tf.reshape(input_factor[:, None, :, None] * output_factor[None, :, None, :],
@@ -274,12 +278,12 @@ class GradientProjector:
         for call in calls:
             inputs = rule.preactivation(layer, tf.cast(call.inputs, tf.float32), [projected_kernel, projected_bias])
             inputs = tf.reshape(inputs, [tf.shape(inputs)[0], -1, inputs.shape[-1]])
-            delta = tf.reshape(call.delta, [tf.shape(call.delta)[0], -1, call.delta.shape[-1]])
+            delta = tf.reshape(tf.cast(call.delta, tf.float32), [tf.shape(call.delta)[0], -1, call.delta.shape[-1]])
             total += tf.einsum("bta,btd->bad", inputs, tf.matmul(delta, output_factor))
         return self._place(tf.reshape(total, [-1, input_factor.shape[1] * output_factor.shape[1]]), offset)
 
     def _dense(self, index: int, gradients: tf.Tensor) -> tf.Tensor:
-        rows = sum(int(np.prod(w.shape)) for w in self.model.closed_form_layers[index].trainable_weights)
+        rows = self._layer_rows(index)
         gradients = tf.reshape(gradients, [-1, rows])
         if rows * self.dimension * 4 <= self.projection.max_cached_bytes:
             if index not in self._cached:
