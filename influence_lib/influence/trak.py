@@ -38,7 +38,7 @@ from ..common.storage import ShardStore, fingerprint_dataset, fingerprint_variab
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
 from ..model.projection import GradientProjector, Projection
-from .base import VALUE_DTYPE, BaseInfluenceCalculator, _check_finite
+from .base import BaseInfluenceCalculator, _check_finite
 
 DEFAULT_PROJECTION = Projection(2048)
 
@@ -234,6 +234,10 @@ class TRAK(BaseInfluenceCalculator):
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         self.models[0].check_dataset(dataset, name)
 
+    @property
+    def value_dtype(self) -> tf.DType:
+        return self.models[0].dtype
+
     def _cache_fingerprint(self) -> dict:
         return {
             **super()._cache_fingerprint(),
@@ -250,13 +254,14 @@ class TRAK(BaseInfluenceCalculator):
         Returns
         -------
         tuple
-            ``(features (batch, M, k), weights (batch,))``: ``φ_m(z)`` per model and
+            ``(features (batch, M, k), weights (batch,))``: ``φ_m(z)`` per model (float32 when
+            projected, else in the model's dtype) and
             ``q̄(z) = mean_m (1 − σ(f_m(z)))`` (1 for a measurement other than the margin).
         """
         features = []
         for index, model in enumerate(self.query_models):
             if self._projectors is None:
-                features.append(tf.cast(model.batch_jacobian_tensor(batch), tf.float32))
+                features.append(model.batch_jacobian_tensor(batch))
             else:
                 features.append(self._projectors[index].project_tensor(batch))
         if self._weighted:
@@ -264,7 +269,7 @@ class TRAK(BaseInfluenceCalculator):
             weights = weights / len(self.query_models)
         else:
             weights = tf.ones([tf.shape(features[0])[0]], tf.float32)
-        return tf.stack(features, axis=1), tf.cast(weights, tf.float32)
+        return tf.stack(features, axis=1), tf.cast(weights, features[0].dtype)
 
     def _feature_batches(self, train_set: tf.data.Dataset, desc: str):
         """``(batch, features, weights)`` of the training set, read from the store where present."""
@@ -303,7 +308,7 @@ class TRAK(BaseInfluenceCalculator):
         """``ψ(z) = concat_m K_m φ_m(z) · q̄(z) / M``, shape ``(batch, M·k)``."""
         solved = tf.einsum("bmi,mij->bmj", tf.cast(features, tf.float64), self._stacked_kernels)
         scaled = solved * tf.cast(weights, tf.float64)[:, None, None] / len(self.models)
-        return tf.cast(tf.reshape(scaled, [tf.shape(scaled)[0], -1]), VALUE_DTYPE)
+        return tf.cast(tf.reshape(scaled, [tf.shape(scaled)[0], -1]), self.value_dtype)
 
     def _influence_vector_batches(self, train_set: tf.data.Dataset):
         if self._store is None or fingerprint_dataset(train_set) != self._train_fingerprint:
