@@ -254,8 +254,8 @@ class TRAK(BaseInfluenceCalculator):
         Returns
         -------
         tuple
-            ``(features (batch, M, k), weights (batch,))``: ``φ_m(z)`` per model (float32 when
-            projected, else in the model's dtype) and
+            ``(features (batch, M, k), weights (batch,))``: ``φ_m(z)`` per model (float64 for
+            float64 models, else float32) and
             ``q̄(z) = mean_m (1 − σ(f_m(z)))`` (1 for a measurement other than the margin).
         """
         features = []

@@ -124,22 +124,24 @@ def project_dense(gradients: tf.Tensor, projection: Projection, layer: int = 0) 
     """``gradients (B, P) @ R`` with ``R (P, k)`` generated and used one chunk of rows at a time.
 
     Memory ``O(B·k + CHUNK_ROWS·k)`` on top of ``gradients``; the result does not depend on the batch.
+    Computed in float64 for float64 gradients, else in float32.
     """
-    gradients = tf.cast(gradients, tf.float32)
+    dtype = tf.float64 if gradients.dtype == tf.float64 else tf.float32
+    gradients = tf.cast(gradients, dtype)
     rows, k = int(gradients.shape[1]), projection.dimension
     full, tail = divmod(rows, CHUNK_ROWS)
-    result = tf.zeros(tf.stack([tf.shape(gradients)[0], k]), tf.float32)
+    result = tf.zeros(tf.stack([tf.shape(gradients)[0], k]), dtype)
     if full:
         def body(chunk, total):
             block = gradients[:, chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS]
             seeds = tf.stack([tf.constant(projection.seed, tf.int64), _salt(layer, _PART_DENSE) + tf.cast(chunk, tf.int64)])
             matrix = _stateless(seeds, CHUNK_ROWS, k, projection.kind)
-            return chunk + 1, total + tf.matmul(block, matrix)
+            return chunk + 1, total + tf.matmul(block, tf.cast(matrix, dtype))
 
         _, result = tf.while_loop(lambda chunk, _: chunk < full, body, (tf.constant(0), result))
     if tail:
         matrix = random_matrix(projection.seed, _salt(layer, _PART_DENSE, full), tail, k, projection.kind)
-        result += tf.matmul(gradients[:, full * CHUNK_ROWS :], matrix)
+        result += tf.matmul(gradients[:, full * CHUNK_ROWS :], tf.cast(matrix, dtype))
     return result
 
 
@@ -177,6 +179,7 @@ class GradientProjector:
             raise TypeError(f"projection must be a Projection, got {type(projection).__name__}.")
         self.model = model
         self.projection = projection
+        self.dtype = tf.float64 if model.dtype == tf.float64 else tf.float32
         self._factors: dict[int, tuple[tf.Tensor, tf.Tensor, int]] = {}
         self._cached: dict[int, tf.Tensor] = {}
         self._plan_cache: dict[int, tuple[int, int, int]] | None = None
@@ -245,8 +248,8 @@ class GradientProjector:
             k_a, k_out, offset = self._plans()[index]
             with tf.init_scope():
                 self._factors[index] = (
-                    self._factor(index, _PART_INPUT, shape[0], k_a),
-                    self._factor(index, _PART_OUTPUT, shape[1], k_out),
+                    tf.cast(self._factor(index, _PART_INPUT, shape[0], k_a), self.dtype),
+                    tf.cast(self._factor(index, _PART_OUTPUT, shape[1], k_out), self.dtype),
                     offset,
                 )
         return self._factors[index]
@@ -276,9 +279,9 @@ class GradientProjector:
         projected_bias = input_factor[kernel_rows] if input_factor.shape[0] > kernel_rows else None
         total = 0.0
         for call in calls:
-            inputs = rule.preactivation(layer, tf.cast(call.inputs, tf.float32), [projected_kernel, projected_bias])
+            inputs = rule.preactivation(layer, tf.cast(call.inputs, self.dtype), [projected_kernel, projected_bias])
             inputs = tf.reshape(inputs, [tf.shape(inputs)[0], -1, inputs.shape[-1]])
-            delta = tf.reshape(tf.cast(call.delta, tf.float32), [tf.shape(call.delta)[0], -1, call.delta.shape[-1]])
+            delta = tf.reshape(tf.cast(call.delta, self.dtype), [tf.shape(call.delta)[0], -1, call.delta.shape[-1]])
             total += tf.einsum("bta,btd->bad", inputs, tf.matmul(delta, output_factor))
         return self._place(tf.reshape(total, [-1, input_factor.shape[1] * output_factor.shape[1]]), offset)
 
@@ -288,13 +291,14 @@ class GradientProjector:
         if rows * self.dimension * 4 <= self.projection.max_cached_bytes:
             if index not in self._cached:
                 with tf.init_scope():
-                    self._cached[index] = dense_matrix(self.projection, index, rows)
-            return tf.matmul(tf.cast(gradients, tf.float32), self._cached[index])
-        return project_dense(gradients, self.projection, index)
+                    self._cached[index] = tf.cast(dense_matrix(self.projection, index, rows), self.dtype)
+            return tf.matmul(tf.cast(gradients, self.dtype), self._cached[index])
+        return project_dense(tf.cast(gradients, self.dtype), self.projection, index)
 
     @compiled_method
     def project_tensor(self, batch: Batch) -> tf.Tensor:
-        """Projected per-sample gradients of one batch, shape ``(batch, k)``, float32."""
+        """Projected per-sample gradients of one batch, shape ``(batch, k)``: float64 for a float64 model,
+        else float32."""
         record = self.model._record(batch)
         if record is None:
             blocks = self.model._jacobian_blocks(batch)

@@ -98,6 +98,20 @@ def test_trak_without_projection_equals_its_numpy_closed_form(damping, nb_train)
                                rtol=2e-4, atol=2e-5)
 
 
+def test_a_float64_model_gives_float64_values_equal_to_numpy():
+    model = keras.Sequential([keras.Input((IN_DIM,), dtype="float64"),
+                              keras.layers.Dense(CLASSES, activation="softmax", dtype="float64")])
+    model.set_weights([w.astype(np.float64) for w in _model(0).get_weights()])
+    x_train, y_train = (a.astype(np.float64) for a in _data(40, 1))
+    x_test, y_test = (a.astype(np.float64) for a in _data(6, 2))
+    trak = il.TRAK(il.InfluenceModel(model), _dataset(x_train, y_train), projection=None, damping=0.5,
+                   show_progress=False)
+    values = trak.influence_between_batches((x_test, y_test), (x_train, y_train))
+    assert values.dtype == tf.float64
+    expected = _expected_trak([model], x_train, y_train, x_test, y_test, 0.5)
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_an_ensemble_averages_the_kernel_terms_and_the_weights():
     models = [_model(0), _model(1), _model(2)]
     x_train, y_train = _data(30, 3)
