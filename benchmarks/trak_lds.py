@@ -41,6 +41,7 @@ class IndependentTRAKFactory(CalculatorFactory):
     nb_models: int = 10
     dimension: int | None = 256
     all_layers: bool = True
+    damping: float = 0.0
 
     def build(self, trained, train_set, measurement=None) -> TRAK:
         data = self.data
@@ -51,7 +52,7 @@ class IndependentTRAKFactory(CalculatorFactory):
         layers = dict(start_layer=0, last_layer=len(trained.model.layers) - 1) if self.all_layers else {}
         wrapped = [InfluenceModel(m, loss_function=trained.loss_function, **layers) for m in models]
         projection = None if self.dimension is None else Projection(self.dimension, seed=trained.seed)
-        return TRAK(wrapped, train_set, projection,
+        return TRAK(wrapped, train_set, projection, self.damping,
                     measurement=measurement or "margin", show_progress=False)
 
 
@@ -64,6 +65,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--ensemble", type=int, default=10)
     parser.add_argument("--proj-dim", type=int, default=256)
+    parser.add_argument("--damping", type=float, default=0.0, help="λ of every TRAK (default 0: pseudo-inverse)")
     parser.add_argument("--out", default="trak_lds")
     args = parser.parse_args()
     cli = build_lds_parser().parse_args(["--dataset", "digits", "--train-size", str(args.train_size),
@@ -73,25 +75,25 @@ def main():
                                      momentum=0.9, checkpoint_every_n_epochs=max(1, args.epochs // 5))
     evaluator = FaithfulnessEvaluator(data, procedure, SubsetRetraining(nb_subsets=args.subsets), noise_ceiling=False,
                                       store_path=os.path.join(args.out, "ground_truth"))
-    k, m = args.proj_dim, args.ensemble
+    k, m, damping = args.proj_dim, args.ensemble, args.damping
     methods = {
         "first_order_exact (λ=1e-3)": dataclasses.replace(METHODS["first_order_exact"], damping=1e-3),
         "tracin": METHODS["tracin"],
         "grad_dot": METHODS["grad_dot"],
         "grad_cos": METHODS["grad_cos"],
-        "trak (1 model)": TRAKFactory(dimension=k),
-        "trak (5 checkpoints)": TRAKFactory(dimension=k, checkpoints=True),
-        f"trak ({m} models)": IndependentTRAKFactory(procedure, data, m, k, all_layers=False),
-        "trak (1 model, all layers)": IndependentTRAKFactory(procedure, data, 1, k),
-        f"trak ({m} models, all layers)": IndependentTRAKFactory(procedure, data, m, k),
-        "trak (1 model, no projection)": TRAKFactory(dimension=None),
-        f"trak ({m} models, no projection)": IndependentTRAKFactory(procedure, data, m, None, all_layers=False),
-        f"trak ({3 * m} models, all layers)": IndependentTRAKFactory(procedure, data, 3 * m, k),
+        "trak (1 model)": TRAKFactory(dimension=k, damping=damping),
+        "trak (5 checkpoints)": TRAKFactory(dimension=k, damping=damping, checkpoints=True),
+        f"trak ({m} models)": IndependentTRAKFactory(procedure, data, m, k, all_layers=False, damping=damping),
+        "trak (1 model, all layers)": IndependentTRAKFactory(procedure, data, 1, k, damping=damping),
+        f"trak ({m} models, all layers)": IndependentTRAKFactory(procedure, data, m, k, damping=damping),
+        "trak (1 model, no projection)": TRAKFactory(dimension=None, damping=damping),
+        f"trak ({m} models, no projection)": IndependentTRAKFactory(procedure, data, m, None, all_layers=False, damping=damping),
+        f"trak ({3 * m} models, all layers)": IndependentTRAKFactory(procedure, data, 3 * m, k, damping=damping),
     }
     results = evaluator.evaluate(methods)
     keras.backend.clear_session()
     print(f"digits MLP 64-{args.hidden}-10, {args.train_size} train / {args.test_size} test, LDS over "
-          f"{args.subsets} half-subset models (margin)")
+          f"{args.subsets} half-subset models (margin); TRAK k = {k}, λ = {damping}")
     print(faithfulness_table(results, None, markdown=True))
 
 
