@@ -87,7 +87,9 @@ def main():
         "trak (1 model, all layers)": IndependentTRAKFactory(procedure, data, 1, k, damping=damping),
         f"trak ({m} models, all layers)": IndependentTRAKFactory(procedure, data, m, k, damping=damping),
         "trak (1 model, no projection)": TRAKFactory(dimension=None, damping=damping),
-        f"trak ({m} models, no projection)": IndependentTRAKFactory(procedure, data, m, None, all_layers=False, damping=damping),
+        f"trak ({m} models, no projection)": IndependentTRAKFactory(
+            procedure, data, m, None, all_layers=False, damping=damping
+        ),
         f"trak ({3 * m} models, all layers)": IndependentTRAKFactory(procedure, data, 3 * m, k, damping=damping),
     }
     results = evaluator.evaluate(methods)

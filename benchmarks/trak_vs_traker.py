@@ -41,9 +41,12 @@ def train_mlp(hidden: int, n_train: int, n_test: int, seed: int = 0):
     x, y = load_digits(return_X_y=True)
     order = np.random.default_rng(seed).permutation(len(x))
     x, y = (x[order] / 16.0).astype(np.float32), y[order].astype(np.int64)
-    x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train : n_train + n_test], y[n_train : n_train + n_test]
+    test = slice(n_train, n_train + n_test)
+    x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[test], y[test]
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(10)])
+    model = keras.Sequential([
+        keras.Input((64,)), keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(10),
+    ])
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=40, batch_size=64, verbose=0)
     return model, x_train, y_train, x_test, y_test

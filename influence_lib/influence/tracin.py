@@ -228,7 +228,10 @@ class TracIn(BaseInfluenceCalculator):
     @compiled_method
     def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
         return tf.concat(
-            [rate * self._gradients(index, train_samples, query=False) for index, rate in enumerate(self.learning_rates)],
+            [
+                rate * self._gradients(index, train_samples, query=False)
+                for index, rate in enumerate(self.learning_rates)
+            ],
             axis=1,
         )
 

@@ -123,7 +123,8 @@ class TRAK(BaseInfluenceCalculator):
         self.models = _check_models(models)
         if projection is not None and not isinstance(projection, Projection):
             raise TypeError(f"projection must be a Projection or None, got {type(projection).__name__}.")
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not np.isfinite(damping) or damping < 0:
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not np.isfinite(damping) \
+                or damping < 0:
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
         if projection is not None and projection.dimension >= self.models[0].nb_params:
             projection = None
@@ -133,10 +134,10 @@ class TRAK(BaseInfluenceCalculator):
         self.show_progress = show_progress
         self.query_models = [model.with_measurement(measurement) for model in self.models]
         self._weighted = isinstance(measurement, str) and measurement == "margin"
-        self._projectors = (
-            None if projection is None
-            else [GradientProjector(m, projection.with_seed(projection.seed + i)) for i, m in enumerate(self.query_models)]
-        )
+        self._projectors = None if projection is None else [
+            GradientProjector(model, projection.with_seed(projection.seed + index))
+            for index, model in enumerate(self.query_models)
+        ]
         self.models[0].check_dataset(train_set, "train_set")
         fingerprint = None if feature_store is None else self._fingerprint(train_set)
         self._store = None if fingerprint is None else ShardStore(feature_store, fingerprint, "TRAK features")
@@ -273,7 +274,9 @@ class TRAK(BaseInfluenceCalculator):
 
     def _feature_batches(self, train_set: tf.data.Dataset, desc: str):
         """``(batch, features, weights)`` of the training set, read from the store where present."""
-        batches = progress(iterate_batches(train_set, "train_set"), self.show_progress, desc, known_cardinality(train_set))
+        batches = progress(
+            iterate_batches(train_set, "train_set"), self.show_progress, desc, known_cardinality(train_set)
+        )
         for index, batch in enumerate(batches):
             name = _shard_name(index)
             if self._store is not None and self._store.has(name):

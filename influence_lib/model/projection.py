@@ -21,7 +21,10 @@ Two ways to apply ``R``, per watched layer, summed over layers into the same ``k
   ``t`` for a convolution — with a 1 for the bias, ``δ`` the output gradient), so with
   ``R_l = R_a ⊗ R_δ`` (``k = k_a k_δ``)
 
-  .. math::  R_l^\\top \\operatorname{vec}(G_i) = \\operatorname{vec}\\Big(\\sum_t (R_a^\\top ã_{i,t})\\,(R_δ^\\top δ_{i,t})^\\top\\Big)
+  .. math::
+
+     R_l^\\top \\operatorname{vec}(G_i) =
+     \\operatorname{vec}\\Big(\\sum_t (R_a^\\top ã_{i,t})\\,(R_δ^\\top δ_{i,t})^\\top\\Big)
 
   is computed without ever forming ``G_i``: ``R_aᵀ ã`` is the layer itself applied with ``R_a``
   as its kernel (a convolution for Conv layers), as in LoGra (Choe et al., "What is Your Data
@@ -134,7 +137,8 @@ def project_dense(gradients: tf.Tensor, projection: Projection, layer: int = 0) 
     if full:
         def body(chunk, total):
             block = gradients[:, chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS]
-            seeds = tf.stack([tf.constant(projection.seed, tf.int64), _salt(layer, _PART_DENSE) + tf.cast(chunk, tf.int64)])
+            salt = _salt(layer, _PART_DENSE) + tf.cast(chunk, tf.int64)
+            seeds = tf.stack([tf.constant(projection.seed, tf.int64), salt])
             matrix = _stateless(seeds, CHUNK_ROWS, k, projection.kind)
             return chunk + 1, total + tf.matmul(block, tf.cast(matrix, dtype))
 

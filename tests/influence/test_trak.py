@@ -226,7 +226,8 @@ def test_feature_shards_survive_a_crash_resume_and_reload_identically(tmp_path, 
     completed = subprocess.run([sys.executable, str(script), data_path, store], cwd=ROOT, capture_output=True,
                                timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
     assert completed.returncode == -signal.SIGKILL, completed.stderr.decode()[-2000:]
-    assert sorted(name for name in os.listdir(store) if name.endswith(".npz")) == ["batch_000000.npz", "batch_000001.npz"]
+    shards = sorted(name for name in os.listdir(store) if name.endswith(".npz"))
+    assert shards == ["batch_000000.npz", "batch_000001.npz"]
 
     writes = []
     original = storage.ShardStore.write

@@ -19,7 +19,8 @@ from influence_lib.model.projection import (
 
 def _jl_epsilon(k: int, nb_vectors: int, failure: float) -> float:
     """Smallest ε with 2 n² · 2 exp(−k(ε²/2 − ε³/3)/2) ≤ failure: every ‖R(x ± y)‖² within (1 ± ε)
-    (Dasgupta & Gupta 2003; Achlioptas 2003 for ±1 entries), hence |⟨Rx, Ry⟩ − ⟨x, y⟩| ≤ ε for unit x, y."""
+    (Dasgupta & Gupta 2003; Achlioptas 2003 for ±1 entries), hence |⟨Rx, Ry⟩ − ⟨x, y⟩| ≤ ε for unit
+    x, y."""
     for epsilon in np.linspace(0.001, 0.999, 999):
         if 4 * nb_vectors**2 * math.exp(-k * (epsilon**2 / 2 - epsilon**3 / 3) / 2) <= failure:
             return float(epsilon)
