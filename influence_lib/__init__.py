@@ -4,7 +4,16 @@ The pipeline is visible in the sub-packages: ``model`` (which weights are watche
 gradients), ``curvature`` (Hessian operator and inverse-Hessian-vector products), ``influence``
 (the calculators that turn gradients and curvature into scores).
 """
-from .common import CACHE, ORDER, NonFiniteError, SingularHessianError, StreamingTopK, TopK
+from .common import (
+    CACHE,
+    ORDER,
+    DataParallel,
+    NonFiniteError,
+    SingularHessianError,
+    StreamingTopK,
+    TopK,
+    using_strategy,
+)
 from .curvature import (
     ArnoldiIHVP,
     ArnoldiIHVPFactory,
@@ -27,8 +36,10 @@ from .influence import (
     GradCos,
     GradDot,
     InfluenceBatches,
+    NumpyResult,
     SelfInfluenceCalculator,
     extract_only_values,
+    to_numpy,
 )
 from .influence.arnoldi import ArnoldiInfluenceCalculator
 from .influence.boundary_sample import SampleBoundaryCalculator
@@ -53,6 +64,7 @@ __all__ = [
     "BaseInfluenceCalculator",
     "BaseInfluenceModel",
     "CGDIHVPFactory",
+    "DataParallel",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
@@ -85,5 +97,8 @@ __all__ = [
     "WeightsBoundaryCalculator",
     "default_process_batch",
     "extract_only_values",
+    "to_numpy",
+    "NumpyResult",
     "gauss_newton_hessian",
+    "using_strategy",
 ]

@@ -1,6 +1,16 @@
 """Plumbing shared by every method: enums, dataset checks, errors, progress, top-k, caching."""
+from .distribute import DataParallel, using_strategy
 from .enums import CACHE, ORDER
 from .errors import NonFiniteError, SingularHessianError
 from .top_k import StreamingTopK, TopK
 
-__all__ = ["CACHE", "ORDER", "NonFiniteError", "SingularHessianError", "StreamingTopK", "TopK"]
+__all__ = [
+    "CACHE",
+    "ORDER",
+    "DataParallel",
+    "NonFiniteError",
+    "SingularHessianError",
+    "StreamingTopK",
+    "TopK",
+    "using_strategy",
+]

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.datasets import batch_size_of, iterate_batches
+from ..common.distribute import SAME_DATA, SAME_WEIGHTS, data_parallel
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..model.influence_model import InfluenceModel
@@ -31,6 +32,11 @@ class HessianOperator:
         Batched dataset of the samples averaged in the Hessian.
     show_progress
         Show a progress bar on each pass over ``dataset``.
+
+    Notes
+    -----
+    Each batch is split across the replicas of the ``tf.distribute`` strategy in use when the
+    operator is built, and the replicas' sums are all-reduced (:mod:`influence_lib.common.distribute`).
     """
 
     def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, show_progress: bool = False):
@@ -38,6 +44,11 @@ class HessianOperator:
         self.model = model
         self.dataset = dataset
         self.show_progress = show_progress
+        self.parallel = data_parallel()
+        if self.parallel.multi_worker:
+            first = next(iter(dataset))
+            self.parallel.check_identical(model.weights, "The watched weights", SAME_WEIGHTS)
+            self.parallel.check_identical(first, "The first batches of the Hessian dataset", SAME_DATA)
 
     @property
     def dim(self) -> int:
@@ -55,7 +66,7 @@ class HessianOperator:
             known_cardinality(self.dataset),
         )
         for batch in batches:
-            product = self.model.batch_hvp_tensor(batch, vectors)
+            product = self.parallel.sum_rows(self.model.batch_hvp_tensor, batch, vectors)
             total = product if total is None else total + product
             count += batch_size_of(batch)
         return total / tf.cast(count, total.dtype)
@@ -82,11 +93,11 @@ class HessianOperator:
         )
         for batch in batches:
             if not blocks:
-                total += self.model.batch_hessian_tensor(batch).numpy()
+                total += self.parallel.sum_rows(self.model.batch_hessian_tensor, batch).numpy()
             row = 0
             for block in blocks:
                 rows = int(block.shape[0])
-                total[row : row + rows] += self.model.batch_hvp_tensor(batch, block).numpy()
+                total[row : row + rows] += self.parallel.sum_rows(self.model.batch_hvp_tensor, batch, block).numpy()
                 row += rows
             count += batch_size_of(batch)
         return _finite_symmetric(total / count)
@@ -158,6 +169,7 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
     sparse, watched = _check_gauss_newton(model)
     model.check_dataset(dataset, "the Hessian dataset")
     dim = model.nb_params
+    parallel = data_parallel()
     total = np.zeros((dim, dim), dtype=np.float64)
     count = 0
     batches = progress(
@@ -167,7 +179,8 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
         known_cardinality(dataset),
     )
     for batch in batches:
-        total += _gauss_newton_batch(model, batch, sparse, tuple(watched)).numpy()
+        blocks = parallel.sum_rows(lambda shard: _gauss_newton_batch(model, shard, sparse, tuple(watched)), batch)
+        total += blocks.numpy()
         count += batch_size_of(batch)
     return tf.cast(_finite_symmetric(total / count), model.dtype)
 

@@ -63,7 +63,8 @@ class LissaIHVP(IterativeIHVP):
         iterations = itertools.islice(self._cycled_batches(), self.n_opt_iters)
         for batch in progress(iterations, self.show_progress, "LiSSA", self.n_opt_iters):
             count = tf.cast(batch_size_of(batch), vectors.dtype)
-            damped_hvp = self.model.batch_hvp_tensor(batch, estimate) / count + self.damping * estimate
+            hvp = self.hessian_operator.parallel.sum_rows(self.model.batch_hvp_tensor, batch, estimate)
+            damped_hvp = hvp / count + self.damping * estimate
             estimate = vectors + estimate - damped_hvp / self.scale
             finite = bool(tf.reduce_all(tf.math.is_finite(estimate)))
             if not finite or (bound is not None and bool(tf.reduce_any(tf.norm(estimate, axis=1) > bound))):

@@ -4,6 +4,7 @@ from .base import BaseInfluenceCalculator, InfluenceBatches, SelfInfluenceCalcul
 from .first_order import FirstOrderInfluenceCalculator
 from .grad_similarity import GradCos, GradDot
 from .group import FirstOrderGroupInfluence, GroupInfluence
+from .results import NumpyResult, to_numpy
 from .second_order import SecondOrderInfluenceCalculator
 from .trak import TRAK
 
@@ -16,8 +17,10 @@ __all__ = [
     "GradDot",
     "GroupInfluence",
     "InfluenceBatches",
+    "NumpyResult",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "TRAK",
     "extract_only_values",
+    "to_numpy",
 ]
