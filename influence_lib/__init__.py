@@ -19,6 +19,7 @@ from .curvature import (
     ArnoldiIHVPFactory,
     CGDIHVPFactory,
     ConjugateGradientDescentIHVP,
+    EKFACIHVP,
     ExactIHVP,
     ExactIHVPFactory,
     ForwardOverBackwardHVP,
@@ -26,6 +27,8 @@ from .curvature import (
     IHVPCalculator,
     InverseHessianVectorProduct,
     InverseHessianVectorProductFactory,
+    KFACIHVP,
+    KFACIHVPFactory,
     LissaIHVP,
     LissaIHVPFactory,
     gauss_newton_hessian,
@@ -33,7 +36,10 @@ from .curvature import (
 from .influence import (
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
+    GradCos,
+    GradDot,
     InfluenceBatches,
+    KroneckerInfluenceCalculator,
     NumpyResult,
     SelfInfluenceCalculator,
     extract_only_values,
@@ -46,9 +52,10 @@ from .influence.representer_l2 import RepresenterPointL2
 from .influence.representer_lje import RepresenterPointLJE
 from .influence.second_order import SecondOrderInfluenceCalculator
 from .influence.tracin import TracIn
+from .influence.trak import TRAK
 from .influence.tracin_checkpoint import TracInCheckpoint
 from . import utils
-from .model import BaseInfluenceModel, InfluenceModel, default_process_batch
+from .model import BaseInfluenceModel, GradientProjector, InfluenceModel, Projection, default_process_batch
 
 __version__ = "0.1.0"
 
@@ -63,25 +70,34 @@ __all__ = [
     "CGDIHVPFactory",
     "DataParallel",
     "ConjugateGradientDescentIHVP",
+    "EKFACIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
     "FirstOrderInfluenceCalculator",
     "ForwardOverBackwardHVP",
+    "GradCos",
+    "GradDot",
+    "GradientProjector",
     "HessianOperator",
     "IHVPCalculator",
     "InfluenceBatches",
     "InfluenceModel",
     "InverseHessianVectorProduct",
     "InverseHessianVectorProductFactory",
+    "KFACIHVP",
+    "KFACIHVPFactory",
+    "KroneckerInfluenceCalculator",
     "LissaIHVP",
     "LissaIHVPFactory",
     "NonFiniteError",
+    "Projection",
     "RepresenterPointL2",
     "RepresenterPointLJE",
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "SingularHessianError",
+    "TRAK",
     "StreamingTopK",
     "TopK",
     "TracIn",

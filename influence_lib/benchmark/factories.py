@@ -38,6 +38,7 @@ from ..curvature.factory import (
     CGDIHVPFactory,
     ExactIHVPFactory,
     InverseHessianVectorProductFactory,
+    KFACIHVPFactory,
     LissaIHVPFactory,
 )
 from ..curvature.exact import ExactIHVP
@@ -46,10 +47,13 @@ from ..influence.base import extract_only_values
 from ..influence.boundary_sample import SampleBoundaryCalculator
 from ..influence.boundary_weights import WeightsBoundaryCalculator
 from ..influence.first_order import FirstOrderInfluenceCalculator, hessian_subset
+from ..influence.grad_similarity import GradCos, GradDot
 from ..influence.representer_l2 import RepresenterPointL2
 from ..influence.representer_lje import RepresenterPointLJE
 from ..influence.tracin import TracIn
+from ..influence.trak import TRAK
 from ..model.influence_model import InfluenceModel
+from ..model.projection import Projection
 from .training import TrainedModel
 
 
@@ -126,7 +130,7 @@ class FirstOrderFactory(CalculatorFactory):
     Parameters
     ----------
     ihvp
-        ``'exact'``, ``'cgd'`` or ``'lissa'``.
+        ``'exact'``, ``'cgd'``, ``'lissa'``, ``'kfac'`` or ``'ekfac'``.
     damping
         λ of ``(H + λI)⁻¹``; 0 takes the pseudo-inverse (exact only).
     start_layer, last_layer
@@ -173,6 +177,8 @@ class FirstOrderFactory(CalculatorFactory):
             "exact": ExactIHVPFactory(self.damping, show_progress=False),
             "cgd": CGDIHVPFactory(self.n_opt_iters, self.damping),
             "lissa": LissaIHVPFactory(self.n_opt_iters, self.damping, self.lissa_scale),
+            "kfac": KFACIHVPFactory(self.damping, show_progress=False),
+            "ekfac": KFACIHVPFactory(self.damping, corrected_eigenvalues=True, show_progress=False),
         }
         if self.ihvp not in factories:
             raise ValueError(f"ihvp must be one of {sorted(factories)}, got {self.ihvp!r}.")
@@ -245,6 +251,80 @@ class TracInFactory(CalculatorFactory):
             trained.checkpoint_callback, show_progress=False, measurement=measurement, start_layer=self.start_layer,
             last_layer=self.last_layer, loss_function=trained.loss_function,
         )
+
+
+@dataclass(frozen=True)
+class TRAKFactory(CalculatorFactory):
+    """TRAK (Park et al. 2023) on the explained model, or on the checkpoints of its training run.
+
+    Its pairwise values predict the change of the margin when the training sample is included
+    (``effect_sign = +1``); with the loss as measurement they predict minus the change of the loss.
+
+    Parameters
+    ----------
+    dimension
+        Projected dimension ``k`` (None: no projection, ``k = P``).
+    structured
+        Structured (Kronecker) projection of Dense and Conv layers.
+    damping
+        λ of ``(ΦᵀΦ + λI)⁻¹`` (0: pseudo-inverse).
+    checkpoints
+        An ensemble over the TracIn checkpoints saved during training instead of the final model.
+    start_layer
+        First watched layer (None: the last layer with weights).
+    """
+
+    effect_sign = 1.0
+    dimension: int | None = 2048
+    structured: bool = True
+    damping: float = 0.0
+    checkpoints: bool = False
+    start_layer: int | str | None = None
+
+    @property
+    def needs_checkpoints(self) -> bool:
+        return self.checkpoints
+
+    def build(self, trained, train_set, measurement=None) -> TRAK:
+        projection = None if self.dimension is None else Projection(
+            self.dimension, seed=trained.seed, structured=self.structured
+        )
+        settings = dict(projection=projection, damping=self.damping, measurement=measurement or "margin",
+                        show_progress=False, start_layer=self.start_layer, loss_function=trained.loss_function)
+        if not self.checkpoints:
+            return TRAK.from_models([trained.model], train_set, **settings)
+        if trained.checkpoint_callback is None or not trained.checkpoint_callback.checkpoints:
+            raise ValueError("TRAK over checkpoints needs the checkpoints of training: train with a checkpoint_directory.")
+        paths = [path for path, _ in trained.checkpoint_callback.checkpoints]
+        return TRAK.from_checkpoints(trained.model, paths, train_set, **settings)
+
+    def attribute(self, trained, train_set, test_set, measurement="margin") -> np.ndarray:
+        values = super().attribute(trained, train_set, test_set, measurement)
+        return values if measurement == "margin" else -values
+
+
+@dataclass(frozen=True)
+class GradSimilarityFactory(CalculatorFactory):
+    """GradDot (or GradCos with ``cosine=True``): gradient similarity at the final weights.
+
+    Parameters
+    ----------
+    cosine
+        Cosine similarity instead of the dot product.
+    dimension
+        Random projection of the gradients to this dimension (None: exact gradients).
+    start_layer
+        First watched layer (None: the last layer with weights).
+    """
+
+    cosine: bool = False
+    dimension: int | None = None
+    start_layer: int | str | None = None
+
+    def build(self, trained, train_set, measurement=None) -> GradDot:
+        projection = None if self.dimension is None else Projection(self.dimension, seed=trained.seed)
+        calculator = GradCos if self.cosine else GradDot
+        return calculator(_influence_model(trained, self.start_layer), projection, measurement, show_progress=False)
 
 
 @dataclass(frozen=True)
@@ -362,6 +442,10 @@ METHODS: dict[str, MethodFactory] = {
     "first_order_arnoldi": ArnoldiFactory(),
     "relatif": FirstOrderFactory("exact", normalize=True),
     "tracin": TracInFactory(),
+    "trak": TRAKFactory(),
+    "trak_checkpoints": TRAKFactory(checkpoints=True),
+    "grad_dot": GradSimilarityFactory(),
+    "grad_cos": GradSimilarityFactory(cosine=True),
     "rps_l2": RepresenterL2Factory(),
     "rps_lje": RepresenterLJEFactory(),
     "weights_boundary": WeightsBoundaryFactory(),

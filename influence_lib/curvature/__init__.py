@@ -10,17 +10,21 @@ from .factory import (
     ExactIHVPFactory,
     IHVPCalculator,
     InverseHessianVectorProductFactory,
+    KFACIHVPFactory,
     LissaIHVPFactory,
     make_ihvp,
 )
 from .hessian import HessianOperator, gauss_newton_hessian
 from .iterative import IterativeIHVP
+from .kfac import EKFACIHVP, KFACIHVP
+from .kfac_storage import LayerFactors
 from .lissa import LissaIHVP
 
 __all__ = [
     "ArnoldiIHVP",
     "ArnoldiIHVPFactory",
     "CGDIHVPFactory",
+    "EKFACIHVP",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
@@ -30,6 +34,9 @@ __all__ = [
     "InverseHessianVectorProduct",
     "InverseHessianVectorProductFactory",
     "IterativeIHVP",
+    "KFACIHVP",
+    "KFACIHVPFactory",
+    "LayerFactors",
     "LissaIHVP",
     "LissaIHVPFactory",
     "arnoldi_iteration",

@@ -1,4 +1,5 @@
-"""Choose an IHVP calculator by name (``'exact' | 'cgd' | 'lissa' | 'arnoldi'``), enum, or factory object.
+"""Choose an IHVP calculator by name (``'exact' | 'cgd' | 'lissa' | 'arnoldi' | 'kfac' | 'ekfac'``), enum, or
+factory object.
 
 Built from a name or enum member, each calculator uses its default settings; for ``'arnoldi'``
 that is a Krylov subspace of ``min(P, 200)`` dimensions with all its eigenpairs kept (so the
@@ -15,6 +16,7 @@ from .arnoldi import ArnoldiIHVP
 from .base import InverseHessianVectorProduct
 from .conjugate_gradient import ConjugateGradientDescentIHVP
 from .exact import ExactIHVP
+from .kfac import EKFACIHVP, KFACIHVP
 from .lissa import LissaIHVP
 
 
@@ -25,15 +27,20 @@ class IHVPCalculator(Enum):
     Cgd = ConjugateGradientDescentIHVP
     Lissa = LissaIHVP
     Arnoldi = ArnoldiIHVP
+    Kfac = KFACIHVP
+    Ekfac = EKFACIHVP
 
     @staticmethod
     def from_string(ihvp_calculator: str) -> "IHVPCalculator":
-        """``'exact'``, ``'cgd'``, ``'lissa'`` or ``'arnoldi'`` (case-insensitive) to the enum member."""
+        """``'exact'``, ``'cgd'``, ``'lissa'``, ``'arnoldi'``, ``'kfac'`` or ``'ekfac'`` (case-insensitive) to the
+        enum member."""
         members = {
             "exact": IHVPCalculator.Exact,
             "cgd": IHVPCalculator.Cgd,
             "lissa": IHVPCalculator.Lissa,
             "arnoldi": IHVPCalculator.Arnoldi,
+            "kfac": IHVPCalculator.Kfac,
+            "ekfac": IHVPCalculator.Ekfac,
         }
         key = str(ihvp_calculator).lower()
         if key not in members:
@@ -112,6 +119,25 @@ class ArnoldiIHVPFactory(InverseHessianVectorProductFactory):
         )
 
 
+@dataclass(frozen=True)
+class KFACIHVPFactory(InverseHessianVectorProductFactory):
+    """Builds :class:`KFACIHVP` (or :class:`EKFACIHVP` with ``corrected_eigenvalues=True``)."""
+
+    damping: float | str = "heuristic"
+    fisher: str = "empirical"
+    corrected_eigenvalues: bool = False
+    seed: int = 0
+    factors_path: str | None = None
+    show_progress: bool = True
+
+    def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> KFACIHVP:
+        kind = EKFACIHVP if self.corrected_eigenvalues else KFACIHVP
+        return kind(
+            model, dataset, damping=self.damping, fisher=self.fisher, seed=self.seed,
+            factors_path=self.factors_path, show_progress=self.show_progress,
+        )
+
+
 def make_ihvp(
     calculator: "str | IHVPCalculator | InverseHessianVectorProduct | InverseHessianVectorProductFactory",
     model: InfluenceModel,
@@ -133,6 +159,6 @@ def make_ihvp(
     if isinstance(calculator, IHVPCalculator):
         return calculator.value(model, dataset, show_progress=show_progress)
     raise TypeError(
-        "ihvp_calculator must be 'exact', 'cgd', 'lissa', 'arnoldi', an IHVPCalculator, an InverseHessianVectorProduct "
-        f"or an InverseHessianVectorProductFactory; got {calculator!r}."
+        "ihvp_calculator must be 'exact', 'cgd', 'lissa', 'arnoldi', 'kfac', 'ekfac', an IHVPCalculator, an "
+        f"InverseHessianVectorProduct or an InverseHessianVectorProductFactory; got {calculator!r}."
     )

@@ -257,6 +257,47 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         """Influence of each training vector on each preprocessed sample, shape ``(test, train)``."""
         return tf.matmul(preproc_test_sample, influence_vector, transpose_b=True)
 
+    def _layer_sizes(self) -> list[int] | None:
+        """Sizes of the per-watched-layer segments of φ and ψ (``None``: the scores do not split by layer)."""
+        return None
+
+    def _preprocess_training_samples(self, samples: Batch) -> tf.Tensor:
+        """φ of training samples, paired with their own ψ in self-influence (default: :meth:`_preprocess_samples`)."""
+        return self._preprocess_samples(samples)
+
+    def _values_per_layer(self, preproc_test_sample: tf.Tensor, influence_vector: tf.Tensor) -> list[tf.Tensor]:
+        """Per watched layer ``⟨φ_l(t), ψ_l(z)⟩``, each ``(test, train)``; their sum is the influence value."""
+        sizes = self._layer_sizes()
+        if sizes is None:
+            raise ValueError(
+                f"{type(self).__name__} does not split its scores by watched layer; per-layer scores come from "
+                "calculators whose influence is a sum over layers, e.g. FirstOrderInfluenceCalculator."
+            )
+        return [
+            tf.matmul(phi, psi, transpose_b=True)
+            for phi, psi in zip(tf.split(preproc_test_sample, sizes, axis=1), tf.split(influence_vector, sizes, axis=1))
+        ]
+
+    def influence_values_per_layer(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
+        """Influence of each training sample on each sample to evaluate, split by watched layer.
+
+        Returns
+        -------
+        tf.Tensor
+            Shape ``(layers, batch_to_evaluate, train_batch)``, layers in watched order; the sum over
+            axis 0 is the influence value.
+        """
+        return tf.stack(self._values_per_layer(
+            self._preprocess_samples(samples_to_evaluate), self._compute_influence_vector(train_samples)
+        ))
+
+    def self_influence_values_per_layer(self, train_samples: Batch) -> tf.Tensor:
+        """Self-influence of each training sample split by watched layer, shape ``(layers, batch)``; sums to it."""
+        values = self._values_per_layer(
+            self._preprocess_training_samples(train_samples), self._compute_influence_vector(train_samples)
+        )
+        return tf.stack([tf.linalg.diag_part(value) for value in values])
+
     _fingerprint_ignored: tuple[str, ...] = ("show_progress", "strategy", "device")
 
     def _cache_fingerprint(self) -> dict:

@@ -15,6 +15,8 @@ Relative Influence", AISTATS 2020).
 
 Koh & Liang, "Understanding Black-box Predictions via Influence Functions", ICML 2017.
 """
+import math
+
 import tensorflow as tf
 
 from ..common.arguments import positive_int
@@ -136,6 +138,12 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
 
     def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
         return self.query_model.batch_jacobian_tensor(samples)
+
+    def _preprocess_training_samples(self, samples: Batch) -> tf.Tensor:
+        return self.model.batch_jacobian_tensor(samples)
+
+    def _layer_sizes(self) -> list[int]:
+        return [sum(math.prod(w.shape) for w in weights) for weights in self.model._closed_form_weights]
 
     def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
         return self._normalize_if_needed(self.ihvp_calculator.ihvp(self.model.batch_jacobian_tensor(train_samples)))
