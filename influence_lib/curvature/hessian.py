@@ -18,6 +18,26 @@ from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..model.influence_model import InfluenceModel
 from ..model.layer_rules import DenseRule
+from .gauss_newton import GaussNewtonProduct, single_output_model
+
+CURVATURES = ("auto", "hessian", "ggn")
+
+
+def resolve_curvature(model: InfluenceModel, curvature: str) -> str:
+    """``'hessian'`` or ``'ggn'`` for a requested ``curvature`` (``'auto'``, ``'hessian'`` or ``'ggn'``).
+
+    ``'auto'`` is the Gauss-Newton matrix (positive semi-definite for a convex loss, equal to the
+    Hessian when the network output is linear in the watched weights) whenever the model has a
+    single output tensor, else the Hessian. Iterative solvers (conjugate gradient, LiSSA) and
+    Arnoldi use ``'auto'`` by default: through hidden layers the Hessian is indefinite, which
+    breaks conjugate gradient and LiSSA and makes influence estimates sign-unstable
+    (Bae et al., "If Influence Functions are the Answer, Then What is the Question?", NeurIPS 2022).
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+    if curvature == "auto":
+        return "ggn" if single_output_model(model) else "hessian"
+    return curvature
 
 
 class HessianOperator:
@@ -31,13 +51,27 @@ class HessianOperator:
         Batched dataset of the samples averaged in the Hessian.
     show_progress
         Show a progress bar on each pass over ``dataset``.
+    curvature
+        ``'hessian'`` (default): the Hessian of the loss; ``'ggn'``: the generalized Gauss-Newton
+        matrix ``Jᵀ H_out J`` (:mod:`~influence_lib.curvature.gauss_newton`); ``'auto'``: see
+        :func:`resolve_curvature`.
     """
 
-    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, show_progress: bool = False):
+    def __init__(
+        self,
+        model: InfluenceModel,
+        dataset: tf.data.Dataset,
+        show_progress: bool = False,
+        curvature: str = "hessian",
+    ):
         model.check_dataset(dataset, "the Hessian dataset")
         self.model = model
         self.dataset = dataset
         self.show_progress = show_progress
+        self.curvature = resolve_curvature(model, curvature)
+        self._batch_product = (
+            GaussNewtonProduct(model).batch_product if self.curvature == "ggn" else model.batch_hvp_tensor
+        )
 
     @property
     def dim(self) -> int:
@@ -55,7 +89,7 @@ class HessianOperator:
             known_cardinality(self.dataset),
         )
         for batch in batches:
-            product = self.model.batch_hvp_tensor(batch, vectors)
+            product = self._batch_product(batch, vectors)
             total = product if total is None else total + product
             count += batch_size_of(batch)
         return total / tf.cast(count, total.dtype)
@@ -63,15 +97,17 @@ class HessianOperator:
     def dense(self, chunk_size: int = 512) -> tf.Tensor:
         """The matrix ``H`` itself, shape ``(P, P)``, in one pass over the dataset.
 
-        When ``P ≤ chunk_size`` each batch contributes the jacobian of its gradient
-        (:meth:`InfluenceModel.batch_hessian_tensor`); otherwise it is multiplied by blocks of
-        ``chunk_size`` identity rows, so memory is O(P²) for the result plus one batch times
-        ``chunk_size`` vectors.
+        For the Hessian with ``P ≤ chunk_size`` each batch contributes the jacobian of its gradient
+        (:meth:`InfluenceModel.batch_hessian_tensor`); otherwise each batch is multiplied by blocks
+        of ``chunk_size`` identity rows (``⌈P / chunk_size⌉`` vectorized products per batch), so
+        memory is O(P²) for the result plus one batch times ``chunk_size`` vectors.
         """
         dim = self.dim
         dtype = self.model.weights[0].dtype
         blocks = [tf.one_hot(tf.range(start, min(start + chunk_size, dim)), dim, dtype=dtype)
-                  for start in range(0, dim, chunk_size)] if dim > chunk_size else []
+                  for start in range(0, dim, chunk_size)]
+        if dim <= chunk_size and self.curvature == "hessian":
+            blocks = []
         total = np.zeros((dim, dim), dtype=dtype.as_numpy_dtype)
         count = 0
         batches = progress(
@@ -86,7 +122,7 @@ class HessianOperator:
             row = 0
             for block in blocks:
                 rows = int(block.shape[0])
-                total[row : row + rows] += self.model.batch_hvp_tensor(batch, block).numpy()
+                total[row : row + rows] += self._batch_product(batch, block).numpy()
                 row += rows
             count += batch_size_of(batch)
         return _finite_symmetric(total / count)
