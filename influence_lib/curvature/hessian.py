@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..common.compiled import compiled_function
 from ..common.datasets import batch_size_of, iterate_batches
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
@@ -21,6 +22,8 @@ from ..model.layer_rules import DenseRule
 from .gauss_newton import GaussNewtonProduct, single_output_model
 
 CURVATURES = ("auto", "hessian", "ggn")
+# Elements of the (rows, F·C²) temporary of the closed-form Gauss-Newton Hessian (128 MiB in float64).
+_KRONECKER_CHUNK_ELEMENTS = 2**24
 
 
 def resolve_curvature(model: InfluenceModel, curvature: str) -> str:
@@ -135,64 +138,85 @@ def _finite_symmetric(hessian: np.ndarray) -> tf.Tensor:
     return hessian
 
 
-def _check_gauss_newton(model: InfluenceModel) -> tuple[bool, list[bool]]:
-    """Check the Gauss-Newton closed form applies; return whether the loss takes sparse labels
-    and which of (kernel, bias) are watched."""
-    def refuse(reason: str) -> ValueError:
-        return ValueError(
-            f"hessian='gauss_newton' needs the watched weights to be exactly one final Dense layer "
-            f"whose output feeds a softmax cross-entropy; {reason}. Use hessian='exact' instead."
-        )
+_CLOSED_FORM_LOSSES = {
+    keras.losses.CategoricalCrossentropy: keras.activations.softmax,
+    keras.losses.SparseCategoricalCrossentropy: keras.activations.softmax,
+    keras.losses.BinaryCrossentropy: keras.activations.sigmoid,
+    keras.losses.MeanSquaredError: None,
+}
 
-    if len(model.closed_form_layers) != 1 or not DenseRule.supports(model.closed_form_layers[0]):
-        raise refuse(f"the watched layers are {[layer.name for layer in model.closed_form_layers]}")
-    layer = model.closed_form_layers[0]
+
+def closed_form_refusal(model: InfluenceModel) -> str | None:
+    """Why the closed-form Gauss-Newton Hessian is not exact for ``model`` (``None`` when it is).
+
+    It is exact when the watched weights are one Dense layer that produces the model's single
+    output — so its inputs do not depend on the watched weights and its logits are linear in
+    them — under softmax cross-entropy (softmax activation, or linear with ``from_logits=True``),
+    sigmoid binary cross-entropy (likewise) or mean squared error (linear activation).
+    """
+    layers = model.closed_form_layers
+    if len(layers) != 1 or not DenseRule.supports(layers[0]):
+        return f"the watched layers {[layer.name for layer in layers]} are not a single Dense layer"
+    layer = layers[0]
     outputs = getattr(model.model, "outputs", None)
     if not outputs or len(outputs) != 1 or getattr(outputs[0], "_keras_history", None) is None:
-        raise refuse("the model's single output cannot be identified (subclassed or multi-output model)")
+        return "the model's single output cannot be identified (subclassed or multi-output model)"
     if outputs[0]._keras_history.operation is not layer:
-        raise refuse(f"layer {layer.name!r} is not the layer producing the model's output")
+        return f"layer {layer.name!r} is not the layer producing the model's output"
     loss = model.loss_function
-    if not isinstance(loss, (keras.losses.CategoricalCrossentropy, keras.losses.SparseCategoricalCrossentropy)):
-        raise refuse(f"the loss is {type(loss).__name__}, not (Sparse)CategoricalCrossentropy")
+    if type(loss) not in _CLOSED_FORM_LOSSES:
+        names = ", ".join(kind.__name__ for kind in _CLOSED_FORM_LOSSES)
+        return f"the loss is {type(loss).__name__}, not one of {names}"
     options = loss._fn_kwargs
     if options.get("axis", -1) != -1 or options.get("ignore_class") is not None:
-        raise refuse("the cross-entropy must use axis=-1 and no ignore_class")
-    from_logits = bool(options.get("from_logits", False))
-    expected = keras.activations.linear if from_logits else keras.activations.softmax
+        return "the loss must use axis=-1 and no ignore_class"
+    link = _CLOSED_FORM_LOSSES[type(loss)]
+    expected = keras.activations.linear if link is None or options.get("from_logits", False) else link
     if layer.activation is not expected:
-        raise refuse(
-            f"layer {layer.name!r} has activation {getattr(layer.activation, '__name__', layer.activation)!r} "
-            f"but the loss has from_logits={from_logits} (needs {'linear' if from_logits else 'softmax'})"
+        name = getattr(layer.activation, "__name__", layer.activation)
+        return (
+            f"layer {layer.name!r} has activation {name!r} but {type(loss).__name__} with "
+            f"from_logits={bool(options.get('from_logits', False))} needs {expected.__name__!r}"
         )
-    parameters = [p.value.ref() if p is not None else None for p in DenseRule.parameters(layer)]
-    watched = [p is not None and p in {w.ref() for w in model.weights} for p in parameters]
-    return isinstance(loss, keras.losses.SparseCategoricalCrossentropy), watched
+    return None
 
 
 def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_progress: bool = False) -> tf.Tensor:
-    r"""Mean Hessian of a last Dense layer under softmax cross-entropy, in closed form.
+    r"""Mean Hessian of a Dense output layer on fixed inputs, in closed form (exact, not an approximation).
 
-    For logits ``z = Wᵀa + b`` and ``p = softmax(z)``, the Hessian of the cross-entropy w.r.t.
-    the logits is ``s (diag(p) − p pᵀ)`` with ``s = Σ_k y_k`` (1 for one-hot or smoothed
-    labels), and ``z`` is linear in ``(W, b)``, so the Gauss-Newton matrix is the exact Hessian:
+    For logits ``z = Wᵀa + b`` of each output row (sample, or position of a sequence), the
+    logits are linear in ``(W, b)``, so the Hessian is the Gauss-Newton matrix
 
-    .. math::  H = \frac{1}{n} \sum_i \frac{w_i}{T} \sum_t s_{i,t}\,
-               (\tilde a_{i,t} \tilde a_{i,t}^\top) \otimes (\mathrm{diag}(p_{i,t}) - p_{i,t} p_{i,t}^\top)
+    .. math::  H = \frac{1}{n} \sum_{i} \sum_{t} (\tilde a_{i,t} \tilde a_{i,t}^\top) \otimes H_{i,t}
 
-    with ``ã = [a; 1]`` when the bias is watched, ``T`` the number of positions of a sequence
-    output (1 for flat outputs) and ``w_i`` the sample weights (Martens, "New insights and
-    perspectives on the natural gradient method", JMLR 2020). One forward pass per batch; no
-    backward pass, no per-sample Hessian.
+    with ``ã = [a; 1]`` when the bias is watched and ``H_{i,t} = ∂²ℓ_i/∂z_{i,t}²`` the loss
+    Hessian in the logits (``s (diag p − p pᵀ)`` for softmax cross-entropy with label mass
+    ``s``, ``diag p(1 − p) / C`` for sigmoid cross-entropy, ``(2 / C) I`` for mean squared
+    error), sample weights and the mean over positions included, computed by automatic
+    differentiation of the model's loss (Martens, "New insights and perspectives on the natural
+    gradient method", JMLR 2020). One forward pass per batch and one matrix product of cost
+    ``O(rows · F² · C²)``; no backward pass through the model, no per-sample Hessian.
 
     Raises
     ------
     ValueError
-        If the watched weights are not a single Dense layer producing the model's output under
-        (sparse) categorical cross-entropy with the matching softmax/logits convention.
+        If the closed form is not exact for the model (see :func:`closed_form_refusal`).
     """
-    sparse, watched = _check_gauss_newton(model)
+    reason = closed_form_refusal(model)
+    if reason is not None:
+        raise ValueError(
+            f"The closed-form Gauss-Newton Hessian is exact only for a single Dense output layer under softmax "
+            f"or sigmoid cross-entropy or mean squared error; {reason}. Use the Hessian-vector products instead "
+            "(ExactIHVP does so automatically)."
+        )
     model.check_dataset(dataset, "the Hessian dataset")
+    layer = model.closed_form_layers[0]
+    parameters = [p.value.ref() if p is not None else None for p in DenseRule.parameters(layer)]
+    watched = tuple(p is not None and p in {w.ref() for w in model.weights} for p in parameters)
+    product = GaussNewtonProduct(model)
+    link = _CLOSED_FORM_LOSSES[type(model.loss_function)]
+    if model.loss_function._fn_kwargs.get("from_logits", False):
+        link = None
     dim = model.nb_params
     total = np.zeros((dim, dim), dtype=np.float64)
     count = 0
@@ -203,40 +227,49 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
         known_cardinality(dataset),
     )
     for batch in batches:
-        total += _gauss_newton_batch(model, batch, sparse, tuple(watched)).numpy()
+        calls = model.batch_layer_io_tensor(batch)[0]
+        if len(calls) != 1:
+            raise ValueError(
+                f"The closed-form Gauss-Newton Hessian needs the watched Dense layer to be called once per forward "
+                f"pass, it was called {len(calls)} times. Use ExactIHVP's Hessian-vector products instead."
+            )
+        inputs, logits = calls[0]
+        total += _gauss_newton_batch(product, batch, inputs, logits, link, watched)
         count += batch_size_of(batch)
     return tf.cast(_finite_symmetric(total / count), model.weights[0].dtype)
 
 
-def _gauss_newton_batch(model: InfluenceModel, batch, sparse: bool, watched: tuple[bool, bool]) -> tf.Tensor:
-    """Sum over the batch of the per-sample Gauss-Newton blocks (float64)."""
-    calls = model.batch_layer_io_tensor(batch)[0]
-    if len(calls) != 1:
-        raise ValueError(
-            f"hessian='gauss_newton' needs the watched Dense layer to be called once per forward pass, "
-            f"it was called {len(calls)} times. Use hessian='exact' instead."
-        )
-    inputs, logits = calls[0]
-    _, targets, sample_weight = model.process_batch_for_loss_fn(batch)
-    inputs, logits = tf.cast(inputs, tf.float64), tf.cast(logits, tf.float64)
-    classes = logits.shape[-1]
-    steps = tf.size(logits) // (tf.shape(logits)[0] * classes)
-    probabilities = tf.reshape(tf.nn.softmax(logits), [-1, classes])
-    features = [tf.reshape(inputs, [-1, inputs.shape[-1]])] if watched[0] else []
+@compiled_function
+def _kronecker_sum(features: tf.Tensor, blocks: tf.Tensor) -> tf.Tensor:
+    """``Σ_r (f_r f_rᵀ) ⊗ B_r`` for features ``(R, F)`` and blocks ``(R, C, C)``, shape ``(F·C, F·C)``.
+
+    One matrix product ``(F·C², R) × (R, F)`` (float64).
+    """
+    rows, size, classes = tf.shape(features)[0], tf.shape(features)[1], tf.shape(blocks)[-1]
+    left = tf.reshape(features[:, :, None, None] * blocks[:, None, :, :], [rows, size * classes * classes])
+    product = tf.reshape(tf.matmul(left, features, transpose_a=True), [size, classes, classes, size])
+    return tf.reshape(tf.transpose(product, [0, 1, 3, 2]), [size * classes, size * classes])
+
+
+@compiled_function
+def _rows_of_batch(product: GaussNewtonProduct, batch, inputs, logits, link, watched: tuple[bool, bool]):
+    """Features ``ã`` (R, F) and loss Hessian blocks ``H_row`` (R, C, C) of a batch's output rows (float64)."""
+    blocks = tf.cast(product.output_hessian(batch, logits, link, convex=True), tf.float64)
+    inputs = tf.reshape(tf.cast(inputs, tf.float64), [-1, inputs.shape[-1]])
+    features = [inputs] if watched[0] else []
     if watched[1]:
-        features.append(tf.ones_like(probabilities[:, :1]))
-    features = tf.concat(features, axis=1)
-    if sparse:
-        label_mass = tf.ones_like(probabilities[:, 0])
-    else:
-        label_mass = tf.reshape(tf.reduce_sum(tf.cast(targets, tf.float64), axis=-1), [-1])
-    weights = label_mass / tf.cast(steps, tf.float64)
-    if sample_weight is not None:
-        weights *= tf.repeat(tf.cast(tf.reshape(sample_weight, [-1]), tf.float64), steps)
-    diagonal = tf.einsum("n,ni,nj,nk->ikj", weights, features, features, probabilities)
-    dim = features.shape[1] * classes
-    diagonal_part = tf.reshape(
-        tf.einsum("ikj,kl->ikjl", diagonal, tf.eye(classes, dtype=tf.float64)), [dim, dim]
+        features.append(tf.ones_like(inputs[:, :1]))
+    return tf.concat(features, axis=1), blocks
+
+
+def _gauss_newton_batch(
+    product: GaussNewtonProduct, batch, inputs: tf.Tensor, logits: tf.Tensor, link, watched: tuple[bool, bool]
+) -> np.ndarray:
+    """Sum over the batch's output rows of ``(ã ãᵀ) ⊗ H_row``, in chunks of rows bounding the temporary."""
+    features, blocks = _rows_of_batch(product, batch, inputs, logits, link, watched)
+    chunk = max(1, _KRONECKER_CHUNK_ELEMENTS // (int(features.shape[1]) * int(blocks.shape[-1]) ** 2))
+    rows = int(features.shape[0])
+    return sum(
+        _kronecker_sum(features[start : start + chunk], blocks[start : start + chunk]).numpy()
+        for start in range(0, rows, chunk)
     )
-    outer = tf.reshape(features[:, :, None] * probabilities[:, None, :], [-1, dim])
-    return diagonal_part - tf.matmul(outer, weights[:, None] * outer, transpose_a=True)
