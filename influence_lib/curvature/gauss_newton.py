@@ -16,10 +16,11 @@ on the natural gradient method", JMLR 2020.
 The network output ``z`` is the model's output, except when the loss is a cross-entropy on
 probabilities produced by a final softmax or sigmoid: then ``z`` are the logits that activation
 receives (the loss is convex in them, not in the probabilities). ``H_out`` is computed by
-automatic differentiation of the user's loss, one small ``(C, C)`` block per output row (per
-sample, or per position of a sequence output for Keras' built-in losses, which act on the last
-axis); blocks of losses not known to be convex are projected onto the positive semi-definite cone
-(negative eigenvalues set to zero).
+automatic differentiation of the user's loss: for losses known to be convex in ``z`` (Keras'
+cross-entropies on logits, mean squared / absolute error, Huber, log-cosh) it is applied to the
+tangents by a double-backward pass through the loss alone, never formed; for other losses it is
+formed as one ``(C, C)`` block per sample (``C`` = the sample's output size, at most 4,096) and
+projected onto the positive semi-definite cone (negative eigenvalues set to zero).
 
 Per batch, for ``k`` vectors at once: one forward pass with forward-mode tangents
 (``tf.autodiff.ForwardAccumulator`` vectorized over the vectors) gives ``J v``, and one backward
@@ -59,10 +60,14 @@ def _from_logits(loss_function) -> bool:
     return bool(getattr(loss_function, "_fn_kwargs", {}).get("from_logits", False))
 
 
-def single_output_model(model: InfluenceModel) -> bool:
-    """Whether the Keras model has a single (non-nested) output tensor that the GGN can use."""
+def ggn_is_default(model: InfluenceModel) -> bool:
+    """Whether ``curvature='auto'`` picks the GGN: a single output tensor and a built-in Keras loss.
+
+    A built-in loss depends on the weights only through the model's output; a custom callable may
+    not (e.g. an L2 penalty on the weights inside the loss), and the GGN would drop its curvature.
+    """
     outputs = getattr(model.model, "outputs", None)
-    return bool(outputs) and len(outputs) == 1
+    return bool(outputs) and len(outputs) == 1 and isinstance(model.loss_function, _ROW_WISE_LOSSES)
 
 
 class GaussNewtonProduct:
@@ -139,6 +144,26 @@ class GaussNewtonProduct:
         eigenvalues, eigenvectors = tf.linalg.eigh(blocks)
         return tf.matmul(eigenvectors * tf.maximum(eigenvalues, 0.0)[:, None, :], eigenvectors, transpose_b=True)
 
+    def output_hessian_product(self, batch: Batch, z: tf.Tensor, link, tangents: tf.Tensor) -> tf.Tensor:
+        """``H_out`` applied to ``k`` output-space tangents of shape ``(k, *z.shape)`` without forming it.
+
+        One double-backward pass through the loss alone, vectorized over the ``k`` tangents.
+        """
+        _, targets, sample_weight = self.model.process_batch_for_loss_fn(batch)
+        z = tf.stop_gradient(z)
+        with tf.GradientTape() as outer:
+            outer.watch(z)
+            with tf.GradientTape() as inner:
+                inner.watch(z)
+                outputs = z if link is None else link(z)
+                total = tf.reduce_sum(self._per_sample_loss(targets, outputs, sample_weight))
+            gradient = inner.gradient(total, z, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            axes = list(range(1, tangents.shape.rank))
+            projections = tf.reduce_sum(gradient[None] * tf.stop_gradient(tangents), axis=axes)
+        return outer.jacobian(
+            projections, z, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
+        )
+
     def _forward(self, batch: Batch) -> tf.Tensor:
         inputs, _, _ = self.model.process_batch_for_loss_fn(batch)
         return self.model.model(inputs, training=False)
@@ -158,13 +183,16 @@ class GaussNewtonProduct:
             tape.watch(weights)
             z, link, convex = self._network_output(self._forward(batch))
             with tape.stop_recording():
-                blocks = self.output_hessian(batch, z, link, convex)
-                size = blocks.shape[-1]
-                tangents = tf.reshape(tf.vectorized_map(jvp, vectors), [tf.shape(vectors)[0], -1, size])
-                cotangents = tf.einsum("rcd,krd->krc", blocks, tf.cast(tangents, blocks.dtype))
-            projections = tf.reduce_sum(
-                tf.reshape(tf.cast(z, blocks.dtype), [1, -1, size]) * tf.stop_gradient(cotangents), axis=[1, 2]
-            )
+                tangents = tf.cast(tf.vectorized_map(jvp, vectors), z.dtype)
+                if convex:
+                    cotangents = self.output_hessian_product(batch, z, link, tangents)
+                else:
+                    blocks = self.output_hessian(batch, z, link, convex)
+                    size = blocks.shape[-1]
+                    rows = tf.reshape(tangents, [tf.shape(vectors)[0], -1, size])
+                    cotangents = tf.reshape(tf.einsum("rcd,krd->krc", blocks, rows), tf.shape(tangents))
+            axes = list(range(1, tangents.shape.rank))
+            projections = tf.reduce_sum(z[None] * tf.stop_gradient(cotangents), axis=axes)
         products = tape.jacobian(
             projections, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
         )

@@ -19,7 +19,7 @@ from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..model.influence_model import InfluenceModel
 from ..model.layer_rules import DenseRule
-from .gauss_newton import GaussNewtonProduct, single_output_model
+from .gauss_newton import GaussNewtonProduct, ggn_is_default
 
 CURVATURES = ("auto", "hessian", "ggn")
 # Elements of the (rows, F·C²) temporary of the closed-form Gauss-Newton Hessian (128 MiB in float64).
@@ -30,8 +30,10 @@ def resolve_curvature(model: InfluenceModel, curvature: str) -> str:
     """``'hessian'`` or ``'ggn'`` for a requested ``curvature`` (``'auto'``, ``'hessian'`` or ``'ggn'``).
 
     ``'auto'`` is the Gauss-Newton matrix (positive semi-definite for a convex loss, equal to the
-    Hessian when the network output is linear in the watched weights) whenever the model has a
-    single output tensor, else the Hessian. Iterative solvers (conjugate gradient, LiSSA) and
+    Hessian when the network output is linear in the watched weights) when the model has a single
+    output tensor and a built-in Keras loss (cross-entropies, mean squared or absolute error,
+    Huber, log-cosh), else the Hessian: a custom loss callable may depend on the weights other
+    than through the output (e.g. a weight penalty), whose curvature the GGN would drop. Iterative solvers (conjugate gradient, LiSSA) and
     Arnoldi use ``'auto'`` by default: through hidden layers the Hessian is indefinite, which
     breaks conjugate gradient and LiSSA and makes influence estimates sign-unstable
     (Bae et al., "If Influence Functions are the Answer, Then What is the Question?", NeurIPS 2022).
@@ -39,7 +41,7 @@ def resolve_curvature(model: InfluenceModel, curvature: str) -> str:
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
     if curvature == "auto":
-        return "ggn" if single_output_model(model) else "hessian"
+        return "ggn" if ggn_is_default(model) else "hessian"
     return curvature
 
 
