@@ -74,9 +74,10 @@ class HessianOperator:
         self.dataset = dataset
         self.show_progress = show_progress
         self.curvature = resolve_curvature(model, curvature)
-        self._batch_product = (
+        self.batch_product = (
             GaussNewtonProduct(model).batch_product if self.curvature == "ggn" else model.batch_hvp_tensor
         )
+        """``(batch, V) ↦`` the curvature of the batch's summed loss times each row of ``V``."""
 
     @property
     def dim(self) -> int:
@@ -94,7 +95,7 @@ class HessianOperator:
             known_cardinality(self.dataset),
         )
         for batch in batches:
-            product = self._batch_product(batch, vectors)
+            product = self.batch_product(batch, vectors)
             total = product if total is None else total + product
             count += batch_size_of(batch)
         return total / tf.cast(count, total.dtype)
@@ -127,7 +128,7 @@ class HessianOperator:
             row = 0
             for block in blocks:
                 rows = int(block.shape[0])
-                total[row : row + rows] += self._batch_product(batch, block).numpy()
+                total[row : row + rows] += self.batch_product(batch, block).numpy()
                 row += rows
             count += batch_size_of(batch)
         return _finite_symmetric(total / count)

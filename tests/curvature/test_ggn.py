@@ -22,20 +22,6 @@ def _mlp(seed=0, activation="softmax", outputs=3):
     ])
 
 
-def _numpy_jacobians(model, x):
-    """Per-sample jacobians of the logits w.r.t. [W1, b1, W2, b2] (row-major), shape (n, C, P), float64."""
-    w1, b1, w2, b2 = [w.astype(np.float64) for w in model.get_weights()]
-    x = x.astype(np.float64)
-    hidden = np.tanh(x @ w1 + b1)
-    slope = 1.0 - hidden**2
-    n, classes = len(x), w2.shape[1]
-    d_w1 = np.einsum("ni,jc,nj->ncij", x, w2, slope).reshape(n, classes, -1)
-    d_b1 = np.einsum("jc,nj->ncj", w2, slope)
-    d_w2 = np.einsum("nj,cd->ncjd", hidden, np.eye(classes)).reshape(n, classes, -1)
-    d_b2 = np.broadcast_to(np.eye(classes), (n, classes, classes))
-    return np.concatenate([d_w1, d_b1, d_w2, d_b2], axis=2), hidden @ w2 + b2
-
-
 def _numpy_ggn(jacobians, output_hessians, sample_weight):
     return np.einsum("n,ncp,ncd,ndq->pq", sample_weight, jacobians, output_hessians, jacobians) / len(jacobians)
 
@@ -57,7 +43,7 @@ def test_ggn_products_equal_explicit_jacobian_products(loss_name):
     influence_model = il.InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=loss)
     dataset = tf.data.Dataset.from_tensor_slices((x, targets.astype(np.float32), sample_weight)).batch(4)
 
-    jacobians, logits = _numpy_jacobians(model, x)
+    jacobians, logits = rm.tanh_mlp_logit_jacobians(model, x)
     if loss_name == "mse":
         output_hessians = np.broadcast_to(2.0 / 3 * np.eye(3), (10, 3, 3))
     else:
