@@ -4,7 +4,7 @@ The pipeline is visible in the sub-packages: ``model`` (which weights are watche
 gradients), ``curvature`` (Hessian operator and inverse-Hessian-vector products), ``influence``
 (the calculators that turn gradients and curvature into scores).
 """
-from .common import CACHE, ORDER, NonFiniteError, SingularHessianError, StreamingTopK, TopK
+from .common import CACHE, ORDER, InsufficientMemoryError, NonFiniteError, SingularHessianError, StreamingTopK, TopK
 from .curvature import (
     ArnoldiIHVP,
     ArnoldiIHVPFactory,
@@ -12,6 +12,7 @@ from .curvature import (
     ConjugateGradientDescentIHVP,
     ExactIHVP,
     ExactIHVPFactory,
+    GaussNewtonProduct,
     HessianOperator,
     IHVPCalculator,
     InverseHessianVectorProduct,
@@ -50,6 +51,7 @@ __all__ = [
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
+    "GaussNewtonProduct",
     "FirstOrderInfluenceCalculator",
     "HessianOperator",
     "IHVPCalculator",
@@ -59,6 +61,7 @@ __all__ = [
     "InverseHessianVectorProductFactory",
     "LissaIHVP",
     "LissaIHVPFactory",
+    "InsufficientMemoryError",
     "NonFiniteError",
     "RepresenterPointL2",
     "RepresenterPointLJE",

@@ -1,6 +1,9 @@
 """Plumbing shared by every method: enums, dataset checks, errors, progress, top-k, caching."""
 from .enums import CACHE, ORDER
 from .errors import NonFiniteError, SingularHessianError
+from .memory import InsufficientMemoryError
 from .top_k import StreamingTopK, TopK
 
-__all__ = ["CACHE", "ORDER", "NonFiniteError", "SingularHessianError", "StreamingTopK", "TopK"]
+__all__ = [
+    "CACHE", "ORDER", "InsufficientMemoryError", "NonFiniteError", "SingularHessianError", "StreamingTopK", "TopK",
+]

@@ -1,5 +1,8 @@
 """Refuse, before starting, work whose memory would not fit: estimate, compare, explain."""
 import os
+from collections.abc import Iterable
+
+import tensorflow as tf
 
 
 class InsufficientMemoryError(ValueError, MemoryError):
@@ -53,3 +56,16 @@ def check_memory(required: float, what: str, alternatives: str, available: int |
             f"{what} needs about {format_bytes(required)} of memory but only {format_bytes(available)} is available. "
             f"{alternatives}"
         )
+
+
+def collect_in_memory(batches: Iterable[tf.Tensor], nb_batches: int | None, what: str, alternatives: str) -> list:
+    """``list(batches)``, refusing after the first batch if all ``nb_batches`` would not fit in memory.
+
+    The estimate is the first batch's size times ``nb_batches`` (no check when it is unknown).
+    """
+    collected = []
+    for batch in batches:
+        if not collected and nb_batches is not None:
+            check_memory(float(batch.numpy().nbytes) * nb_batches, what, alternatives)
+        collected.append(batch)
+    return collected

@@ -12,6 +12,7 @@ from .factory import (
     LissaIHVPFactory,
     make_ihvp,
 )
+from .gauss_newton import GaussNewtonProduct
 from .hessian import HessianOperator, gauss_newton_hessian
 from .iterative import IterativeIHVP
 from .lissa import LissaIHVP
@@ -23,6 +24,7 @@ __all__ = [
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
+    "GaussNewtonProduct",
     "HessianOperator",
     "IHVPCalculator",
     "InverseHessianVectorProduct",

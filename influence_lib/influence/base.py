@@ -27,6 +27,7 @@ import tensorflow as tf
 from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches, size_of
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
+from ..common.memory import collect_in_memory
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
@@ -231,7 +232,14 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 stored = stored.cache()
             return lambda: _pair_with_batches(train_set, stored)
         if cache == CACHE.MEMORY:
-            vectors = [vectors for _, vectors in self._influence_vector_batches(train_set)]
+            vectors = collect_in_memory(
+                (vectors for _, vectors in self._influence_vector_batches(train_set)),
+                known_cardinality(train_set),
+                "Caching every influence vector in memory (influence_vector_in_cache=CACHE.MEMORY)",
+                "Use influence_vector_in_cache=CACHE.DISK (or save_influence_vector_path=...) to keep them on disk, "
+                "CACHE.NO_CACHE to recompute them per evaluated batch, or a calculator with smaller influence "
+                "vectors ('arnoldi').",
+            )
             return lambda: _pair_with_batches(train_set, vectors)
         return lambda: self._influence_vector_batches(train_set)
 
