@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..common.compiled import compiled_function
+from ..common.compiled import compiled_function, compiled_method
 from ..common.datasets import batch_size_of, iterate_batches
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
@@ -216,10 +216,10 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
     layer = model.closed_form_layers[0]
     parameters = [p.value.ref() if p is not None else None for p in DenseRule.parameters(layer)]
     watched = tuple(p is not None and p in {w.ref() for w in model.weights} for p in parameters)
-    product = GaussNewtonProduct(model)
     link = _CLOSED_FORM_LOSSES[type(model.loss_function)]
     if model.loss_function._fn_kwargs.get("from_logits", False):
         link = None
+    rows = _ClosedFormRows(model, link, watched)
     dim = model.nb_params
     total = np.zeros((dim, dim), dtype=np.float64)
     count = 0
@@ -237,7 +237,7 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
                 f"pass, it was called {len(calls)} times. Use ExactIHVP's Hessian-vector products instead."
             )
         inputs, logits = calls[0]
-        total += _gauss_newton_batch(product, batch, inputs, logits, link, watched)
+        total += _gauss_newton_batch(rows, batch, inputs, logits)
         count += batch_size_of(batch)
     return tf.cast(_finite_symmetric(total / count), model.weights[0].dtype)
 
@@ -254,22 +254,27 @@ def _kronecker_sum(features: tf.Tensor, blocks: tf.Tensor) -> tf.Tensor:
     return tf.reshape(tf.transpose(product, [0, 1, 3, 2]), [size * classes, size * classes])
 
 
-@compiled_function
-def _rows_of_batch(product: GaussNewtonProduct, batch, inputs, logits, link, watched: tuple[bool, bool]):
-    """Features ``ã`` (R, F) and loss Hessian blocks ``H_row`` (R, C, C) of a batch's output rows (float64)."""
-    blocks = tf.cast(product.output_hessian(batch, logits, link, convex=True), tf.float64)
-    inputs = tf.reshape(tf.cast(inputs, tf.float64), [-1, inputs.shape[-1]])
-    features = [inputs] if watched[0] else []
-    if watched[1]:
-        features.append(tf.ones_like(inputs[:, :1]))
-    return tf.concat(features, axis=1), blocks
+class _ClosedFormRows:
+    """Per output row of a batch: features ``ã`` (R, F) and loss Hessian blocks ``H_row`` (R, C, C), float64."""
+
+    def __init__(self, model: InfluenceModel, link, watched: tuple[bool, bool]):
+        self.product = GaussNewtonProduct(model)
+        self.link = link
+        self.watched = watched
+
+    @compiled_method
+    def rows(self, batch, inputs: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        blocks = tf.cast(self.product.output_hessian(batch, logits, self.link, convex=True), tf.float64)
+        inputs = tf.reshape(tf.cast(inputs, tf.float64), [-1, inputs.shape[-1]])
+        features = [inputs] if self.watched[0] else []
+        if self.watched[1]:
+            features.append(tf.ones_like(inputs[:, :1]))
+        return tf.concat(features, axis=1), blocks
 
 
-def _gauss_newton_batch(
-    product: GaussNewtonProduct, batch, inputs: tf.Tensor, logits: tf.Tensor, link, watched: tuple[bool, bool]
-) -> np.ndarray:
+def _gauss_newton_batch(rows: _ClosedFormRows, batch, inputs: tf.Tensor, logits: tf.Tensor) -> np.ndarray:
     """Sum over the batch's output rows of ``(ã ãᵀ) ⊗ H_row``, in chunks of rows bounding the temporary."""
-    features, blocks = _rows_of_batch(product, batch, inputs, logits, link, watched)
+    features, blocks = rows.rows(batch, inputs, logits)
     chunk = max(1, _KRONECKER_CHUNK_ELEMENTS // (int(features.shape[1]) * int(blocks.shape[-1]) ** 2))
     rows = int(features.shape[0])
     return sum(
