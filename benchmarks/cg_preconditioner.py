@@ -16,12 +16,12 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import influence_lib as il  # noqa: E402
-from influence_lib.benchmark.datasets import load_dataset  # noqa: E402
+import influence_lib as il
+from influence_lib.benchmark.datasets import load_dataset
 
 
 def trained_mlp(x: np.ndarray, y: np.ndarray, epochs: int) -> keras.Model:

@@ -88,10 +88,14 @@ class ExactIHVP(InverseHessianVectorProduct):
     show_progress
         Show a progress bar while building the matrix.
     curvature
-        ``'auto'`` (default) or ``'ggn'``: the Gauss-Newton matrix when the model has a single
-        output (equal to the Hessian for an output layer alone); ``'hessian'``: the Hessian of the
-        loss (indefinite through hidden layers). Where the two coincide in closed form it is
-        used automatically.
+        ``'auto'`` (default): the Gauss-Newton matrix for a single-output model with a built-in
+        Keras loss, else the Hessian; ``'ggn'``: the Gauss-Newton matrix (equal to the Hessian
+        for an output layer alone); ``'hessian'``: the Hessian of the loss (indefinite through
+        hidden layers). Where the two coincide in closed form it is used automatically.
+    hessian
+        Earlier spelling, kept working: ``'exact'`` is ``curvature='hessian'``; ``'gauss_newton'``
+        requires the closed form (a ``ValueError`` naming ``hessian='gauss_newton'`` where it does not
+        apply). ``None`` (default): use ``curvature``.
 
     Attributes
     ----------
@@ -118,11 +122,17 @@ class ExactIHVP(InverseHessianVectorProduct):
         damping: "float | str" = "auto",
         show_progress: bool = True,
         curvature: str = "auto",
+        hessian: str | None = None,
     ):
         super().__init__(model, train_dataset, damping)
         if (train_dataset is None) == (train_hessian is None):
             raise ValueError("Give exactly one of train_dataset (to compute the Hessian) or train_hessian.")
-        self.curvature = resolve_curvature(model, curvature)
+        if hessian not in (None, "exact", "gauss_newton"):
+            raise ValueError(f"hessian must be 'exact' or 'gauss_newton' (or use curvature=...), got {hessian!r}.")
+        if hessian == "gauss_newton" and (train_dataset is None or closed_form_refusal(model) is not None):
+            reason = "no train_dataset was given" if train_dataset is None else closed_form_refusal(model)
+            raise ValueError(f"hessian='gauss_newton' needs the closed form, which does not apply: {reason}.")
+        self.curvature = resolve_curvature(model, "hessian" if hessian == "exact" else curvature)
         check_dense_memory(model.nb_params)
         if train_dataset is not None and closed_form_refusal(model) is None:
             hessian = gauss_newton_hessian(model, train_dataset, show_progress).numpy()

@@ -112,7 +112,7 @@ def test_diagonal_preconditioner_gives_the_same_solution_in_fewer_iterations():
         )
         counted = []
         original = cg.hvp
-        cg.hvp = lambda v, original=original: counted.append(1) or original(v)
+        cg.hvp = lambda v, original=original, counted=counted: counted.append(1) or original(v)
         result = cg.ihvp(vectors).numpy()
         iterations[preconditioner] = len(counted)
         np.testing.assert_allclose(result, expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
@@ -179,7 +179,7 @@ def test_exact_refuses_a_dense_matrix_that_does_not_fit(monkeypatch):
 
 
 def test_in_memory_influence_vector_cache_is_refused_before_it_is_filled(monkeypatch):
-    model, dataset, x, y = rm.softmax_regression(n=64, batch_size=16)
+    model, dataset, _, _ = rm.softmax_regression(n=64, batch_size=16)
     calculator = il.FirstOrderInfluenceCalculator(il.InfluenceModel(model), dataset, ihvp_calculator="exact")
     produced = []
     original = calculator._influence_vector_batches

@@ -157,3 +157,20 @@ def test_refuses_what_it_cannot_do_exactly():
     subclassed(x)
     with pytest.raises(ValueError, match="cannot be identified"):
         gauss_newton_hessian(InfluenceModel(subclassed), dataset)
+
+
+def test_earlier_hessian_argument_still_works():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 6)]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
+    head = InfluenceModel(mlp())
+    closed = ExactIHVP(head, dataset, damping=0.1, show_progress=False, hessian="gauss_newton")
+    exact = ExactIHVP(head, dataset, damping=0.1, show_progress=False, hessian="exact")
+    assert exact.curvature == "hessian"
+    np.testing.assert_allclose(closed.hessian, HessianOperator(head, dataset, curvature="hessian").dense(), atol=1e-6)
+    np.testing.assert_allclose(exact.hessian, closed.hessian, atol=1e-6)
+    with pytest.raises(ValueError, match="hessian='gauss_newton'.*watched layers"):
+        ExactIHVP(InfluenceModel(mlp(), 0, 1), dataset, show_progress=False, hessian="gauss_newton")
+    with pytest.raises(ValueError, match="hessian must be"):
+        ExactIHVP(head, dataset, hessian="gn")
