@@ -3,17 +3,17 @@
 .. math::  H = \\frac{1}{n} \\sum_{i=1}^{n} w_i \\nabla^2_\\theta \\ell(z_i; \\theta)
 
 over the watched weights θ and a dataset of n samples (``w_i`` are sample weights, 1 by default).
-Products ``H V`` are computed batch by batch from Hessian-vector products of the summed loss,
-so memory is bounded by one batch times the number of vectors; per-sample Hessians never exist.
-The dense matrix comes from the jacobian of each batch's gradient (:meth:`HessianOperator.dense`)
-or, for a last Dense layer under softmax cross-entropy, in closed form
-(:func:`gauss_newton_hessian`).
+Products ``H V`` are computed batch by batch from Hessian-vector products of the summed loss (or
+Gauss-Newton-vector products, ``curvature='ggn'``), so memory is bounded by one batch times the
+number of vectors; per-sample Hessians never exist. The dense matrix comes from blocks of those
+products (:meth:`HessianOperator.dense`) or, for a Dense output layer on fixed inputs under
+softmax / sigmoid cross-entropy or mean squared error, in closed form (:func:`gauss_newton_hessian`).
 """
 import keras
 import numpy as np
 import tensorflow as tf
 
-from ..common.compiled import compiled_function, compiled_method
+from ..common.compiled import compiled_method
 from ..common.datasets import batch_size_of, iterate_batches
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
@@ -22,8 +22,8 @@ from ..model.layer_rules import DenseRule
 from .gauss_newton import GaussNewtonProduct, ggn_is_default
 
 CURVATURES = ("auto", "hessian", "ggn")
-# Elements of the (rows, F·C²) temporary of the closed-form Gauss-Newton Hessian (128 MiB in float64).
-_KRONECKER_CHUNK_ELEMENTS = 2**24
+# Elements of the (rows, F·C) right operand of the closed-form Gauss-Newton products (256 MiB in float64).
+_KRONECKER_CHUNK_ELEMENTS = 2**25
 
 
 def resolve_curvature(model: InfluenceModel, curvature: str) -> str:
@@ -33,10 +33,10 @@ def resolve_curvature(model: InfluenceModel, curvature: str) -> str:
     Hessian when the network output is linear in the watched weights) when the model has a single
     output tensor and a built-in Keras loss (cross-entropies, mean squared or absolute error,
     Huber, log-cosh), else the Hessian: a custom loss callable may depend on the weights other
-    than through the output (e.g. a weight penalty), whose curvature the GGN would drop. Iterative solvers (conjugate gradient, LiSSA) and
-    Arnoldi use ``'auto'`` by default: through hidden layers the Hessian is indefinite, which
-    breaks conjugate gradient and LiSSA and makes influence estimates sign-unstable
-    (Bae et al., "If Influence Functions are the Answer, Then What is the Question?", NeurIPS 2022).
+    than through the output (e.g. a weight penalty), whose curvature the GGN would drop. Every
+    IHVP calculator uses ``'auto'`` by default: through hidden layers the Hessian is indefinite,
+    which breaks conjugate gradient and LiSSA and makes influence estimates sign-unstable (Bae et
+    al., "If Influence Functions are the Answer, Then What is the Question?", NeurIPS 2022).
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
@@ -74,10 +74,10 @@ class HessianOperator:
         self.dataset = dataset
         self.show_progress = show_progress
         self.curvature = resolve_curvature(model, curvature)
+        # (batch, V) ↦ the curvature of the batch's summed loss times each row of V.
         self.batch_product = (
             GaussNewtonProduct(model).batch_product if self.curvature == "ggn" else model.batch_hvp_tensor
         )
-        """``(batch, V) ↦`` the curvature of the batch's summed loss times each row of ``V``."""
 
     @property
     def dim(self) -> int:
@@ -197,8 +197,9 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
     ``s``, ``diag p(1 − p) / C`` for sigmoid cross-entropy, ``(2 / C) I`` for mean squared
     error), sample weights and the mean over positions included, computed by automatic
     differentiation of the model's loss (Martens, "New insights and perspectives on the natural
-    gradient method", JMLR 2020). One forward pass per batch and one matrix product of cost
-    ``O(rows · F² · C²)``; no backward pass through the model, no per-sample Hessian.
+    gradient method", JMLR 2020). One forward pass per batch, then matrix products over chunks of
+    rows costing ``rows · F² · C (C + 1) / 2`` (the upper half, the rest by symmetry); no backward
+    pass through the model, no per-sample Hessian.
 
     Raises
     ------
@@ -220,8 +221,8 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
     if model.loss_function._fn_kwargs.get("from_logits", False):
         link = None
     rows = _ClosedFormRows(model, link, watched)
-    dim = model.nb_params
-    total = np.zeros((dim, dim), dtype=np.float64)
+    classes = int(layer.units)
+    total = _KroneckerSum(model.nb_params // classes, classes)
     count = 0
     batches = progress(
         iterate_batches(dataset, "the Hessian dataset"),
@@ -236,22 +237,65 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
                 f"The closed-form Gauss-Newton Hessian needs the watched Dense layer to be called once per forward "
                 f"pass, it was called {len(calls)} times. Use ExactIHVP's Hessian-vector products instead."
             )
-        inputs, logits = calls[0]
-        total += _gauss_newton_batch(rows, batch, inputs, logits)
+        total.add(*rows.rows(batch, *calls[0]))
         count += batch_size_of(batch)
-    return tf.cast(_finite_symmetric(total / count), model.weights[0].dtype)
+    return tf.cast(_finite_symmetric(total.result() / count), model.weights[0].dtype)
 
 
-@compiled_function
-def _kronecker_sum(features: tf.Tensor, blocks: tf.Tensor) -> tf.Tensor:
-    """``Σ_r (f_r f_rᵀ) ⊗ B_r`` for features ``(R, F)`` and blocks ``(R, C, C)``, shape ``(F·C, F·C)``.
+class _KroneckerSum:
+    """``Σ_r (ã_r ã_rᵀ) ⊗ H_r`` over streamed output rows, float64, laid out ``(F, C, F, C)``.
 
-    One matrix product ``(F·C², R) × (R, F)`` (float64).
+    Rows are buffered until a chunk of ``budget / (F·C)`` rows (the size of one product's right
+    operand) is reached, then multiplied in large products: memory is bounded by the budget and
+    the ``P × P`` result, never by the dataset.
     """
-    rows, size, classes = tf.shape(features)[0], tf.shape(features)[1], tf.shape(blocks)[-1]
-    left = tf.reshape(features[:, :, None, None] * blocks[:, None, :, :], [rows, size * classes * classes])
-    product = tf.reshape(tf.matmul(left, features, transpose_a=True), [size, classes, classes, size])
-    return tf.reshape(tf.transpose(product, [0, 1, 3, 2]), [size * classes, size * classes])
+
+    def __init__(self, size: int, classes: int, budget: int = _KRONECKER_CHUNK_ELEMENTS):
+        self.total = np.zeros((size, classes, size, classes), dtype=np.float64)
+        self.classes = classes
+        self.chunk = max(1, budget // (size * classes))
+        self.features, self.blocks, self.pending = [], [], 0
+
+    @compiled_method
+    def upper_class_blocks(self, features: tf.Tensor, blocks: tf.Tensor) -> list[tf.Tensor]:
+        """``Σ_r ã_{r,i} ã_{r,j} H_r[c, d]`` for every class ``c`` and ``d ≥ c``: one ``(F, F, C − c)`` tensor per ``c``.
+
+        ``C`` matrix products ``(F, R) × (R, F·(C − c))`` — half of the ``(F·C)²`` entries, the
+        other half follows by symmetry.
+        """
+        rows, size = tf.shape(features)[0], tf.shape(features)[1]
+        results = []
+        for c in range(self.classes):
+            right = tf.reshape(features[:, :, None] * blocks[:, c, None, c:], [rows, -1])
+            results.append(tf.reshape(tf.matmul(features, right, transpose_a=True), [size, size, self.classes - c]))
+        return results
+
+    def add(self, features: tf.Tensor, blocks: tf.Tensor) -> None:
+        self.features.append(features)
+        self.blocks.append(blocks)
+        self.pending += int(features.shape[0])
+        if self.pending >= self.chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        features, blocks = tf.concat(self.features, axis=0), tf.concat(self.blocks, axis=0)
+        self.features, self.blocks, self.pending = [], [], 0
+        for start in range(0, int(features.shape[0]), self.chunk):
+            upper = self.upper_class_blocks(features[start : start + self.chunk], blocks[start : start + self.chunk])
+            for c, block in enumerate(upper):
+                self.total[:, c, :, c:] += block.numpy()
+
+    def result(self) -> np.ndarray:
+        """The ``(F·C, F·C)`` sum, its lower class-triangle filled by symmetry."""
+        self._flush()
+        classes = self.total.shape[1]
+        for c in range(classes):
+            for d in range(c):
+                self.total[:, c, :, d] = self.total[:, d, :, c].T
+        size = self.total.shape[0]
+        return self.total.reshape(size * classes, size * classes)
 
 
 class _ClosedFormRows:
@@ -270,14 +314,3 @@ class _ClosedFormRows:
         if self.watched[1]:
             features.append(tf.ones_like(inputs[:, :1]))
         return tf.concat(features, axis=1), blocks
-
-
-def _gauss_newton_batch(rows: _ClosedFormRows, batch, inputs: tf.Tensor, logits: tf.Tensor) -> np.ndarray:
-    """Sum over the batch's output rows of ``(ã ãᵀ) ⊗ H_row``, in chunks of rows bounding the temporary."""
-    features, blocks = rows.rows(batch, inputs, logits)
-    chunk = max(1, _KRONECKER_CHUNK_ELEMENTS // (int(features.shape[1]) * int(blocks.shape[-1]) ** 2))
-    rows = int(features.shape[0])
-    return sum(
-        _kronecker_sum(features[start : start + chunk], blocks[start : start + chunk]).numpy()
-        for start in range(0, rows, chunk)
-    )

@@ -174,3 +174,18 @@ def test_earlier_hessian_argument_still_works():
         ExactIHVP(InfluenceModel(mlp(), 0, 1), dataset, show_progress=False, hessian="gauss_newton")
     with pytest.raises(ValueError, match="hessian must be"):
         ExactIHVP(head, dataset, hessian="gn")
+
+
+def test_kronecker_sum_streams_rows_in_chunks():
+    """Σ_r (f fᵀ) ⊗ B_r with a budget of 7 rows per product, fed in uneven pieces, equals NumPy's kron sum."""
+    from influence_lib.curvature.hessian import _KroneckerSum
+
+    rng = np.random.default_rng(6)
+    features = rng.normal(size=(23, 4))
+    factors = rng.normal(size=(23, 3, 3))
+    blocks = factors @ np.transpose(factors, (0, 2, 1))
+    accumulator = _KroneckerSum(4, 3, budget=7 * 4 * 3)
+    for start, stop in [(0, 5), (5, 6), (6, 20), (20, 23)]:
+        accumulator.add(tf.constant(features[start:stop]), tf.constant(blocks[start:stop]))
+    expected = sum(np.kron(np.outer(f, f), b) for f, b in zip(features, blocks))
+    np.testing.assert_allclose(accumulator.result(), expected, rtol=1e-12, atol=1e-12)
