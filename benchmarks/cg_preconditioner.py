@@ -88,7 +88,7 @@ def main() -> None:
         print(name, results[name], flush=True)
     reference_damping = results["ggn, damping auto (new default)"]["damping"]
     _, reference = solve(
-        influence_model, dataset, vectors, n_opt_iters=4 * args.iterations, tolerance=1e-6, damping=reference_damping,
+        influence_model, dataset, vectors, n_opt_iters=2 * args.iterations, tolerance=1e-6, damping=reference_damping,
         preconditioner="diagonal",
     )
     for name, solution in solutions.items():
