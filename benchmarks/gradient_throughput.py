@@ -61,7 +61,7 @@ def cnn() -> tuple[keras.Model, tuple[int, ...]]:
 
 def vectorized_map_gradients(influence_model: InfluenceModel):
     """Per-sample gradients with ``tf.vectorized_map`` of a one-sample gradient."""
-    model, loss_function, weights = influence_model.model, influence_model.loss_function, influence_model.weights
+    model, loss_function, weights = influence_model.model, influence_model.loss_function, influence_model.tf_variables
 
     def one_sample(sample):
         inputs, targets = sample

@@ -12,6 +12,7 @@ from .curvature import (
     ConjugateGradientDescentIHVP,
     ExactIHVP,
     ExactIHVPFactory,
+    ForwardOverBackwardHVP,
     GaussNewtonProduct,
     HessianOperator,
     IHVPCalculator,
@@ -36,7 +37,8 @@ from .influence.representer_lje import RepresenterPointLJE
 from .influence.second_order import SecondOrderInfluenceCalculator
 from .influence.tracin import TracIn
 from .influence.tracin_checkpoint import TracInCheckpoint
-from .model import InfluenceModel, default_process_batch
+from . import utils
+from .model import BaseInfluenceModel, InfluenceModel, default_process_batch
 
 __version__ = "0.1.0"
 
@@ -47,12 +49,14 @@ __all__ = [
     "ArnoldiIHVPFactory",
     "ArnoldiInfluenceCalculator",
     "BaseInfluenceCalculator",
+    "BaseInfluenceModel",
     "CGDIHVPFactory",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
-    "GaussNewtonProduct",
     "FirstOrderInfluenceCalculator",
+    "ForwardOverBackwardHVP",
+    "GaussNewtonProduct",
     "HessianOperator",
     "IHVPCalculator",
     "InfluenceBatches",

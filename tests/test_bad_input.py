@@ -52,7 +52,7 @@ def test_last_layer_before_start_layer_and_layers_without_weights():
         il.InfluenceModel(model, start_layer=2, last_layer=0)
     with pytest.raises(ValueError, match="have no trainable weights"):
         il.InfluenceModel(model, start_layer=1)
-    assert il.InfluenceModel(model).layers == [model.layers[-1]]
+    assert il.InfluenceModel(model).watched_layers == [model.layers[-1]]
     assert il.InfluenceModel(model, start_layer=model.layers[0].name, last_layer=-1).nb_params == 4 * 3 + 4 + 2 * 4 + 2
 
 

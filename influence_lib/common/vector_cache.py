@@ -15,8 +15,8 @@ from .datasets import size_of
 _METADATA = "influence_lib_cache.json"
 
 
-def save_vectors(batches: Iterable[tf.Tensor], path: str, fingerprint: dict) -> None:
-    """Stream ``(batch, D)`` vector batches to ``path`` and write their fingerprint beside them."""
+def save_vectors(batches: Iterable[tf.Tensor], path: str, fingerprint: dict, dtype: tf.DType = tf.float32) -> None:
+    """Stream ``(batch, D)`` vector batches of ``dtype`` to ``path`` and write their fingerprint beside them."""
     counts: list[int] = []
 
     def generate():
@@ -24,7 +24,7 @@ def save_vectors(batches: Iterable[tf.Tensor], path: str, fingerprint: dict) -> 
             counts.append(size_of(vectors))
             yield vectors
 
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec((None, None), tf.float32))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec((None, None), dtype))
     tf.data.Dataset.save(dataset, path)
     with open(os.path.join(path, _METADATA), "w", encoding="utf-8") as handle:
         json.dump({**fingerprint, "num_samples": sum(counts), "batch_sizes": counts}, handle)

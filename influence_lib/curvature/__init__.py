@@ -3,6 +3,7 @@ from .arnoldi import ArnoldiIHVP, arnoldi_iteration
 from .base import InverseHessianVectorProduct
 from .conjugate_gradient import ConjugateGradientDescentIHVP, batched_conjugate_gradient
 from .exact import ExactIHVP
+from .forward_over_backward import ForwardOverBackwardHVP
 from .factory import (
     ArnoldiIHVPFactory,
     CGDIHVPFactory,
@@ -24,6 +25,7 @@ __all__ = [
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
+    "ForwardOverBackwardHVP",
     "GaussNewtonProduct",
     "HessianOperator",
     "IHVPCalculator",

@@ -268,7 +268,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         self.curvature = self.hessian_operator.curvature
         self.damping = resolve_damping(
             self.damping,
-            lambda: hutchinson_mean_eigenvalue(self.hessian_operator.matmat, nb_params, model.weights[0].dtype, seed=seed),
+            lambda: hutchinson_mean_eigenvalue(self.hessian_operator.matmat, nb_params, model.dtype, seed=seed),
         )
 
         start = tf.constant(np.random.default_rng(self.seed).standard_normal(nb_params), dtype=dtype)
@@ -288,7 +288,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
     def _drop_null_directions(
         self, eigenvalues: np.ndarray, eigenvectors: np.ndarray, dual: np.ndarray, noise: float
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        precision = np.finfo(self.model.weights[0].dtype.as_numpy_dtype).eps
+        precision = np.finfo(self.model.dtype.as_numpy_dtype).eps
         cutoff = max(10.0 * self.subspace_dim * precision * float(np.abs(eigenvalues).max()), _NOISE_MULTIPLE * noise)
         if self.damping > 0.0:
             cancelled = (eigenvalues < 0) & (np.abs(eigenvalues + self.damping) <= cutoff)

@@ -59,7 +59,7 @@ class InverseHessianVectorProduct(ABC):
 
     def check_vectors(self, vectors: tf.Tensor) -> tf.Tensor:
         """Convert to a ``(B, P)`` float tensor; raise a clear error on a shape mismatch or NaN."""
-        vectors = tf.convert_to_tensor(vectors, dtype=self.model.weights[0].dtype)
+        vectors = tf.convert_to_tensor(vectors, dtype=self.model.dtype)
         if vectors.shape.rank == 1:
             vectors = vectors[None]
         if vectors.shape.rank != 2 or vectors.shape[-1] != self.model.nb_params:
@@ -104,7 +104,7 @@ class InverseHessianVectorProduct(ABC):
     def _per_batch(self, group: tf.data.Dataset, use_gradient: bool, single_batch) -> tf.data.Dataset:
         if use_gradient:
             self.model.check_dataset(group, "group")
-        signature = tf.TensorSpec((self.model.nb_params, None), self.model.weights[0].dtype)
+        signature = tf.TensorSpec((self.model.nb_params, None), self.model.dtype)
         return GeneratorDataset(
             lambda: (single_batch(batch, use_gradient) for batch in iterate_batches(group, "group")),
             signature,

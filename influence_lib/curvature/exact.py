@@ -150,7 +150,7 @@ class ExactIHVP(InverseHessianVectorProduct):
                 raise NonFiniteError("train_hessian contains NaN or infinite values.")
             hessian = 0.5 * (hessian + hessian.T)
         self.damping = resolve_damping(self.damping, lambda: float(np.trace(hessian)) / model.nb_params)
-        dtype = model.weights[0].dtype
+        dtype = model.dtype
         self.hessian = tf.constant(hessian, dtype=dtype)
         self.inv_hessian = tf.constant(pseudo_inverse(hessian, self.damping), dtype=dtype)
 

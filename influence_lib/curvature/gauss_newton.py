@@ -33,9 +33,8 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import Batch
-from ..model.influence_model import InfluenceModel
+from ..model.influence_model import InfluenceModel, loss_in_dtype
 
-_LOW_PRECISION = (tf.float16, tf.bfloat16)
 # Largest per-row output size whose (C, C) loss Hessian is materialized.
 MAX_OUTPUT_SIZE = 4096
 # Keras losses that act on the last axis independently per position.
@@ -98,15 +97,15 @@ class GaussNewtonProduct:
                 "curvature='ggn' needs a model with a single output tensor; this model returns "
                 f"{type(outputs).__name__}. Use curvature='hessian'."
             )
-        if tf.as_dtype(outputs.dtype) in _LOW_PRECISION:
-            outputs = tf.cast(outputs, tf.float32)
+        if tf.as_dtype(outputs.dtype) != self.model.dtype:
+            outputs = tf.cast(outputs, self.model.dtype)
         op_type = getattr(getattr(outputs, "op", None), "type", None)
         if self.uses_link and op_type in _LINKS and len(outputs.op.inputs) == 1:
             return outputs.op.inputs[0], _LINKS[op_type], self.row_wise
         return outputs, None, self.convex
 
     def _per_sample_loss(self, targets, outputs, sample_weight) -> tf.Tensor:
-        losses = self.model.loss_function(targets, outputs)
+        losses = loss_in_dtype(self.model.loss_function, self.model.dtype)(targets, outputs)
         if losses.shape.rank > 1:
             losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
         if sample_weight is not None:
@@ -171,8 +170,8 @@ class GaussNewtonProduct:
     @compiled_method
     def batch_product(self, batch: Batch, vectors: tf.Tensor) -> tf.Tensor:
         """``Σ_i J_iᵀ H_out,i J_i v`` over the batch for each row ``v`` of ``vectors`` (shape ``(k, P)``)."""
-        weights = self.model.weights
-        vectors = tf.cast(vectors, weights[0].dtype)
+        weights = self.model.tf_variables
+        vectors = tf.cast(vectors, self.model.dtype)
 
         def jvp(vector):
             with tf.autodiff.ForwardAccumulator(weights, self.model.unflatten(vector)) as accumulator:
@@ -196,4 +195,4 @@ class GaussNewtonProduct:
         products = tape.jacobian(
             projections, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
         )
-        return tf.cast(self.model.flatten(products, batch_dims=1), weights[0].dtype)
+        return tf.cast(self.model.flatten(products, batch_dims=1), self.model.dtype)

@@ -109,7 +109,7 @@ class HessianOperator:
         memory is O(P²) for the result plus one batch times ``chunk_size`` vectors.
         """
         dim = self.dim
-        dtype = self.model.weights[0].dtype
+        dtype = self.model.dtype
         blocks = [tf.one_hot(tf.range(start, min(start + chunk_size, dim)), dim, dtype=dtype)
                   for start in range(0, dim, chunk_size)]
         if dim <= chunk_size and self.curvature == "hessian":
@@ -216,7 +216,7 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
     model.check_dataset(dataset, "the Hessian dataset")
     layer = model.closed_form_layers[0]
     parameters = [p.value.ref() if p is not None else None for p in DenseRule.parameters(layer)]
-    watched = tuple(p is not None and p in {w.ref() for w in model.weights} for p in parameters)
+    watched = tuple(p is not None and p in {w.ref() for w in model.tf_variables} for p in parameters)
     link = _CLOSED_FORM_LOSSES[type(model.loss_function)]
     if model.loss_function._fn_kwargs.get("from_logits", False):
         link = None
@@ -239,7 +239,7 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
             )
         total.add(*rows.rows(batch, *calls[0]))
         count += batch_size_of(batch)
-    return tf.cast(_finite_symmetric(total.result() / count), model.weights[0].dtype)
+    return tf.cast(_finite_symmetric(total.result() / count), model.dtype)
 
 
 class _KroneckerSum:

@@ -54,7 +54,7 @@ class IterativeIHVP(InverseHessianVectorProduct):
         self.curvature = self.hessian_operator.curvature
         self.damping = resolve_damping(
             self.damping,
-            lambda: hutchinson_mean_eigenvalue(self.hessian_operator.matmat, model.nb_params, model.weights[0].dtype),
+            lambda: hutchinson_mean_eigenvalue(self.hessian_operator.matmat, model.nb_params, model.dtype),
         )
 
     def hvp(self, vectors: tf.Tensor) -> tf.Tensor:

@@ -100,7 +100,7 @@ class LissaIHVP(IterativeIHVP):
         super().__init__(model, train_dataset, n_opt_iters, damping, show_progress, curvature)
         self.batches_per_iteration = batches_per_iteration
         if scale == "auto":
-            largest = lanczos_largest_eigenvalue(self.hessian_operator.matmat, model.nb_params, model.weights[0].dtype)
+            largest = lanczos_largest_eigenvalue(self.hessian_operator.matmat, model.nb_params, model.dtype)
             scale = max(largest, 0.0) + self.damping
             if not scale > 0:
                 raise ValueError(

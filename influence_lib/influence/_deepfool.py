@@ -15,7 +15,9 @@ in Influenciae): a point stops when its prediction changes or when its two large
 within ``eps`` of each other.
 
 Here every row of ``v`` is an independent problem: all rows step together, finished rows are
-frozen by a mask (at most ``step_nbr`` updates each), and the per-row Jacobians come from one vectorized ``batch_jacobian``.
+frozen by a mask (at most ``step_nbr`` updates each), and the per-row Jacobians come from one
+vectorized ``batch_jacobian``. The loop's shapes leave the batch axis free, so a traced call works
+for any batch size, one included.
 """
 from collections.abc import Callable
 
@@ -131,5 +133,8 @@ def deepfool(
         return tf.logical_and(index <= step_nbr, tf.reduce_any(moving))
 
     moving = tf.ones_like(original_class, dtype=tf.bool)
-    _, reached, _ = tf.while_loop(not_done, step, (tf.constant(0), start, moving))
-    return reached
+    invariants = (tf.TensorShape([]), tf.TensorShape([None, start.shape[1]]), tf.TensorShape([None]))
+    _, reached, _ = tf.while_loop(
+        not_done, step, (tf.constant(0), start, moving), shape_invariants=invariants
+    )
+    return tf.reshape(reached, tf.shape(start))

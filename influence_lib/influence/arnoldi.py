@@ -23,7 +23,7 @@ from ..common.datasets import Batch
 from ..curvature.arnoldi import ArnoldiIHVP
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
-from .base import VALUE_DTYPE, BaseInfluenceCalculator
+from .base import BaseInfluenceCalculator
 
 
 class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
@@ -122,7 +122,7 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         projected = tf.matmul(
             self._gradients(samples, self.query_model), self.ihvp_calculator.eigenvectors, transpose_b=True
         )
-        return tf.cast(projected, VALUE_DTYPE)
+        return tf.cast(projected, self.value_dtype)
 
     def _influence_vectors_of(self, gradients: tf.Tensor) -> tf.Tensor:
         arnoldi = self.ihvp_calculator

@@ -14,6 +14,10 @@ Two levels, as in Influenciae:
 
 Training-set indices are positions in the iteration order of the training dataset: pass a
 dataset that iterates in the same order every time (no reshuffling).
+
+Values and influence vectors carry the calculator's :attr:`~SelfInfluenceCalculator.value_dtype`:
+float64 when its model computes in float64 (every weight of a float64 Keras model), float32
+otherwise (:data:`VALUE_DTYPE`, also for float16, bfloat16 and mixed-precision models).
 """
 import os
 import tempfile
@@ -22,9 +26,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import zip_longest
 
+import keras
 import tensorflow as tf
 
 from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches, size_of
+from ..common.devices import check_device, device_scope, on_device
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
 from ..common.memory import collect_in_memory
@@ -32,8 +38,20 @@ from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
 from ..common.vector_cache import load_vectors, save_vectors
+from ..model.influence_model import InfluenceModel, compute_dtype_of
+from ..utils.nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbors
 
 VALUE_DTYPE = tf.float32
+
+
+def result_dtype(model) -> tf.DType:
+    """The dtype of the values computed over ``model`` (an InfluenceModel or a Keras model):
+    float64 when it computes in float64, else :data:`VALUE_DTYPE` (float32)."""
+    if isinstance(model, InfluenceModel):
+        return model.dtype
+    if isinstance(model, keras.Model) and model.weights:
+        return compute_dtype_of(model.weights)
+    return VALUE_DTYPE
 
 
 def _check_finite(values: tf.Tensor, first_index: int, what: str) -> tf.Tensor:
@@ -67,7 +85,7 @@ def extract_only_values(dataset: tf.data.Dataset) -> tf.Tensor:
 
 
 class InfluenceBatches:
-    """Re-iterable stream of ``(batch_to_evaluate, dataset of (training inputs, values))`` pairs.
+    """Re-iterable stream of ``(batch_to_evaluate, dataset of (training batch, values))`` pairs.
 
     Each values tensor has shape ``(batch_to_evaluate, training_batch)``. Iterating computes lazily,
     one batch to evaluate at a time.
@@ -88,6 +106,11 @@ class SelfInfluenceCalculator(ABC):
 
     show_progress: bool = True
 
+    @property
+    def value_dtype(self) -> tf.DType:
+        """dtype of every value and influence vector returned: float64 for a float64 model, else float32."""
+        return result_dtype(self.model)
+
     @abstractmethod
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
         """Self-influence of each sample of one batch, shape ``(batch,)``."""
@@ -102,12 +125,19 @@ class SelfInfluenceCalculator(ABC):
         )
         for batch in batches:
             with _located(offset):
-                values = tf.cast(_as_vector(self._compute_influence_value_from_batch(batch)), VALUE_DTYPE)
+                values = tf.cast(_as_vector(self._compute_influence_value_from_batch(batch)), self.value_dtype)
             yield batch, _check_finite(values, offset, "Self-influence values")
             offset += batch_size_of(batch)
 
-    def compute_influence_values(self, train_set: tf.data.Dataset) -> tf.data.Dataset:
+    def compute_influence_values(self, train_set: tf.data.Dataset, device: str | None = None) -> tf.data.Dataset:
         """Self-influence of every training sample.
+
+        Parameters
+        ----------
+        train_set
+            Batched training samples.
+        device
+            Device the values are computed on (e.g. ``'/GPU:0'``); ``None``: TensorFlow's placement.
 
         Returns
         -------
@@ -116,8 +146,9 @@ class SelfInfluenceCalculator(ABC):
             self-influence values, shape ``(batch,)``. :func:`extract_only_values` turns it into one tensor.
         """
         self._check_dataset(train_set, "train_set")
-        signature = (train_set.element_spec, tf.TensorSpec((None,), VALUE_DTYPE))
-        return GeneratorDataset(lambda: self._self_influence_batches(train_set), signature)
+        check_device(device)
+        signature = (train_set.element_spec, tf.TensorSpec((None,), self.value_dtype))
+        return GeneratorDataset(on_device(device, lambda: self._self_influence_batches(train_set)), signature)
 
     def compute_top_k_from_training_dataset(
         self, train_set: tf.data.Dataset, k: int, order: ORDER = ORDER.DESCENDING
@@ -174,12 +205,15 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         )
         for batch in batches:
             with _located(offset):
-                vectors = tf.cast(self._compute_influence_vector(batch), VALUE_DTYPE)
+                vectors = tf.cast(self._compute_influence_vector(batch), self.value_dtype)
             yield batch, _check_finite(vectors, offset, "Influence vectors")
             offset += batch_size_of(batch)
 
     def compute_influence_vector(
-        self, train_set: tf.data.Dataset, save_influence_vector_ds_path: str | None = None
+        self,
+        train_set: tf.data.Dataset,
+        save_influence_vector_ds_path: str | None = None,
+        device: str | None = None,
     ) -> tf.data.Dataset:
         """Influence vectors ψ(z) of every training sample.
 
@@ -190,6 +224,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         save_influence_vector_ds_path
             If given, the vectors are computed once, saved there (reusable with
             ``load_influence_vector_path``), and the returned dataset reads them back.
+        device
+            Device the vectors are computed on (e.g. ``'/GPU:0'``); ``None``: TensorFlow's placement.
 
         Returns
         -------
@@ -197,16 +233,23 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             Elements ``(batch, vectors)`` with vectors of shape ``(batch, D)``.
         """
         self._check_dataset(train_set, "train_set")
+        check_device(device)
         if save_influence_vector_ds_path is not None:
-            self._save_influence_vectors(train_set, save_influence_vector_ds_path)
+            with device_scope(device):
+                self._save_influence_vectors(train_set, save_influence_vector_ds_path)
             make_pairs = self._vector_source(train_set, CACHE.DISK, save_influence_vector_ds_path, None)
         else:
             make_pairs = lambda: self._influence_vector_batches(train_set)
-        signature = (train_set.element_spec, tf.TensorSpec((None, None), VALUE_DTYPE))
-        return GeneratorDataset(make_pairs, signature)
+        signature = (train_set.element_spec, tf.TensorSpec((None, None), self.value_dtype))
+        return GeneratorDataset(on_device(device, make_pairs), signature)
 
     def _save_influence_vectors(self, train_set: tf.data.Dataset, path: str) -> None:
-        save_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path, self._cache_fingerprint())
+        save_vectors(
+            (vectors for _, vectors in self._influence_vector_batches(train_set)),
+            path,
+            self._cache_fingerprint(),
+            self.value_dtype,
+        )
 
     def _vector_source(
         self,
@@ -251,6 +294,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         load_influence_vector_path: str | None = None,
         save_influence_vector_path: str | None = None,
         save_influence_value_path: str | None = None,
+        device: str | None = None,
     ) -> InfluenceBatches:
         """Influence of every training sample on every sample to evaluate, batch by batch.
 
@@ -267,31 +311,41 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         save_influence_value_path
             If given, the values for the i-th batch to evaluate are saved (``tf.data.Dataset.save``)
             under ``{path}/batch_{i:06d}`` and the result reads them back.
+        device
+            Device the computation runs on (e.g. ``'/GPU:0'``); ``None``: TensorFlow's placement.
 
         Returns
         -------
         InfluenceBatches
             Iterable of ``(batch_to_evaluate, dataset)``; the dataset yields
-            ``(training inputs, values)`` with values of shape ``(batch_to_evaluate, training_batch)``.
+            ``(training batch, values)`` — the training batch as the training set gives it (e.g.
+            ``(x, y)``), as in Influenciae — with values of shape ``(batch_to_evaluate, training_batch)``.
         """
         self._check_dataset(dataset_to_evaluate, "dataset_to_evaluate")
         self._check_dataset(train_set, "train_set")
-        source = self._vector_source(
-            train_set, influence_vector_in_cache, load_influence_vector_path, save_influence_vector_path
-        )
-        train_inputs_spec = train_set.element_spec[0]
-        signature = (train_inputs_spec, tf.TensorSpec((None, None), VALUE_DTYPE))
+        check_device(device)
+        with device_scope(device):
+            source = on_device(device, self._vector_source(
+                train_set, influence_vector_in_cache, load_influence_vector_path, save_influence_vector_path
+            ))
+        signature = (train_set.element_spec, tf.TensorSpec((None, None), self.value_dtype))
 
         def values_for(evaluated: tf.Tensor) -> tf.data.Dataset:
             def generate():
                 for batch, vectors in source():
-                    yield inputs_of(batch), self._estimate_influence_value_from_influence_vector(evaluated, vectors)
+                    with device_scope(device):
+                        values = self._estimate_influence_value_from_influence_vector(evaluated, vectors)
+                    yield batch, values
 
             return GeneratorDataset(generate, signature)
 
-        def computed() -> Iterator[tuple[Batch, tf.data.Dataset]]:
+        def evaluated_batches() -> Iterator[tuple[Batch, tf.data.Dataset]]:
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
-                yield batch, values_for(self._preprocess_samples(batch))
+                yield batch, self._preprocess_samples(batch)
+
+        def computed() -> Iterator[tuple[Batch, tf.data.Dataset]]:
+            for batch, evaluated in on_device(device, evaluated_batches)():
+                yield batch, values_for(evaluated)
 
         if save_influence_value_path is None:
             return InfluenceBatches(computed)
@@ -315,11 +369,24 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         load_influence_vector_ds_path: str | None = None,
         save_influence_vector_ds_path: str | None = None,
         save_top_k_ds_path: str | None = None,
+        nearest_neighbors: BaseNearestNeighbors | None = None,
+        d_type: tf.DType | None = None,
+        device: str | None = None,
     ) -> tf.data.Dataset:
         """The k most (or least) influential training samples for every sample to evaluate.
 
         Streams over the training set keeping only k candidates per sample to evaluate (memory
         O(batch·k) plus the influence-vector cache).
+
+        Parameters
+        ----------
+        nearest_neighbors
+            The search over the influence vectors (default: a fresh
+            :class:`~influence_lib.utils.LinearNearestNeighbors`, exact).
+        d_type
+            dtype of the returned values (default: :attr:`value_dtype`).
+        device
+            Device the computation runs on (e.g. ``'/GPU:0'``); ``None``: TensorFlow's placement.
 
         Returns
         -------
@@ -331,21 +398,26 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         self._check_dataset(dataset_to_evaluate, "dataset_to_evaluate")
         self._check_dataset(train_set, "train_set")
         check_top_k_arguments(k, order)
-        source = self._vector_source(
-            train_set, influence_vector_in_cache, load_influence_vector_ds_path, save_influence_vector_ds_path
+        check_device(device)
+        if nearest_neighbors is None:
+            nearest_neighbors = LinearNearestNeighbors()
+        elif not isinstance(nearest_neighbors, BaseNearestNeighbors):
+            raise TypeError(
+                "nearest_neighbors must be a BaseNearestNeighbors (e.g. influence_lib.utils.LinearNearestNeighbors()), "
+                f"got {type(nearest_neighbors).__name__}."
+            )
+        values_dtype = self.value_dtype if d_type is None else tf.as_dtype(d_type)
+        with device_scope(device):
+            source = self._vector_source(
+                train_set, influence_vector_in_cache, load_influence_vector_ds_path, save_influence_vector_ds_path
+            )
+        nearest_neighbors.build(
+            source, self._estimate_influence_value_from_influence_vector, k, d_type=values_dtype, order=order
         )
 
         def generate():
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
-                evaluated = self._preprocess_samples(batch)
-                best = StreamingTopK(k, order)
-                offset = 0
-                for train_batch, vectors in source():
-                    size = batch_size_of(train_batch)
-                    values = self._estimate_influence_value_from_influence_vector(evaluated, vectors)
-                    best.update(values, tf.range(offset, offset + size, dtype=tf.int64), inputs_of(train_batch))
-                    offset += size
-                result = best.result()
+                result = nearest_neighbors.search(self._preprocess_samples(batch))
                 yield batch, result.values, result.samples, result.indices
 
         samples_spec = tf.nest.map_structure(
@@ -353,11 +425,11 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         )
         signature = (
             dataset_to_evaluate.element_spec,
-            tf.TensorSpec((None, None), VALUE_DTYPE),
+            tf.TensorSpec((None, None), values_dtype),
             samples_spec,
             tf.TensorSpec((None, None), tf.int64),
         )
-        top_k_dataset = GeneratorDataset(generate, signature)
+        top_k_dataset = GeneratorDataset(on_device(device, generate), signature)
         if save_top_k_ds_path is None:
             return top_k_dataset
         tf.data.Dataset.save(top_k_dataset, save_top_k_ds_path)

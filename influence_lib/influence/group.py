@@ -28,7 +28,7 @@ from ..common.datasets import batch_size_of, iterate_batches
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..model.influence_model import InfluenceModel
-from .base import VALUE_DTYPE
+from .base import result_dtype
 
 
 def summed_gradient(
@@ -44,7 +44,7 @@ def summed_gradient(
         Number of samples in ``dataset``.
     """
     model.check_dataset(dataset, name)
-    total = tf.zeros((model.nb_params,), dtype=model.weights[0].dtype)
+    total = tf.zeros((model.nb_params,), dtype=model.dtype)
     count = 0
     batches = progress(
         iterate_batches(dataset, name), show_progress, f"Gradients of {name}", known_cardinality(dataset)
@@ -95,7 +95,7 @@ class GroupInfluence(ABC):
         evaluated = group_train if group_to_evaluate is None else group_to_evaluate
         gradient, _ = summed_gradient(self.model, evaluated, "group_to_evaluate", self.show_progress)
         value = tf.matmul(gradient[None], tf.cast(influence_vector, gradient.dtype), transpose_b=True)
-        return tf.cast(value, VALUE_DTYPE)
+        return tf.cast(value, result_dtype(self.model))
 
 
 class FirstOrderGroupInfluence(GroupInfluence):

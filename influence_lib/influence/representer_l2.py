@@ -28,10 +28,20 @@ Differences with Influenciae (deliberate): the L2 term is part of the fitted obj
 fits an unregularized MSE to the logits, so its ``α`` does not satisfy the theorem) and ``α_i`` is
 not divided by the features.
 
+Logits: the targets are the model's output *distributions*. With a loss on probabilities
+(``from_logits=False``) the last layer must apply softmax/sigmoid and its outputs are the targets;
+with ``from_logits=True`` the last layer must output logits and the targets are their softmax
+(categorical losses) or sigmoid (binary losses), while the surrogate's logits ``f W`` go to the loss
+as logits. The two mismatched combinations, and a sparse loss (which cannot take distributions as
+targets), are rejected. A binary classifier with one output explains its predicted class: the
+sign of its single logit's representer values follows the predicted (or, for self-influence, the
+labelled) class.
+
 Fitting: deterministic full-batch Newton's method on the strongly convex ``J`` — each Newton
 direction solved by conjugate gradients on exact Hessian-vector products, the step chosen by an
 Armijo backtracking line search whose step shrinks by ``scaling_factor``. The features and model
-outputs of the training set are held in memory (``n × (d + C)`` floats) during the fit.
+outputs of the training set are held in memory (``n × (d + C)`` floats) during the fit. A
+float64 model is fit and explained in float64, any other in float32.
 """
 from collections.abc import Callable
 
@@ -42,9 +52,11 @@ import tensorflow as tf
 from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset, iterate_batches
 from ..common.progress import progress
-from ..model.influence_model import _check_unreduced
+from ..model.influence_model import _check_unreduced, loss_in_dtype
+from ..model.measurement import loss_from_logits
+from ..utils.line_search import BacktrackingLineSearch
 from ._dense_head import DenseHead, label_classes, split_dense_head
-from .base import BaseInfluenceCalculator
+from .base import BaseInfluenceCalculator, result_dtype
 
 _ARMIJO_FRACTION = 1e-4
 _MAX_BACKTRACKS = 40
@@ -57,6 +69,45 @@ def check_positive(value: float, name: str) -> float:
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
     return float(value)
+
+
+_BINARY_LOSSES = (keras.losses.BinaryCrossentropy, keras.losses.BinaryFocalCrossentropy)
+
+
+def surrogate_targets(loss_function: Callable, head: DenseHead) -> Callable[[tf.Tensor], tf.Tensor]:
+    """How the model's outputs become the surrogate's targets: themselves (probabilities or any
+    non cross-entropy loss), or the softmax / sigmoid of logits for a ``from_logits=True`` loss.
+
+    Raises
+    ------
+    ValueError
+        For a sparse cross-entropy, or when ``from_logits`` contradicts the last layer's activation.
+    """
+    if isinstance(loss_function, keras.losses.SparseCategoricalCrossentropy):
+        raise ValueError(
+            "RPS-L2 fits the surrogate to the model's output distributions, which a sparse loss cannot take as "
+            "targets: use keras.losses.CategoricalCrossentropy(reduction=None) (with the same from_logits)."
+        )
+    from_logits = loss_from_logits(loss_function)
+    if from_logits is None:
+        return lambda outputs: outputs
+    outputs_logits = head.layer.activation is keras.activations.linear
+    activation = getattr(head.layer.activation, "__name__", head.layer.activation)
+    if from_logits and not outputs_logits:
+        raise ValueError(
+            f"The loss has from_logits=True but the last layer {head.layer.name!r} applies {activation!r}: its "
+            "outputs are not logits. Pass the loss with from_logits=False."
+        )
+    if not from_logits and outputs_logits:
+        raise ValueError(
+            f"The last layer {head.layer.name!r} has no activation (it outputs logits) but the loss has "
+            "from_logits=False. Pass the loss with from_logits=True."
+        )
+    if not from_logits:
+        return lambda outputs: outputs
+    if isinstance(loss_function, _BINARY_LOSSES):
+        return tf.math.sigmoid
+    return tf.nn.softmax
 
 
 def _conjugate_gradient(hvp: Callable[[tf.Tensor], tf.Tensor], rhs: tf.Tensor, iterations: int) -> tf.Tensor:
@@ -112,8 +163,8 @@ class RepresenterPointL2(BaseInfluenceCalculator):
         ``‖∇J(W*)‖`` at the end of the fit: the representer decomposition is exact up to
         ``fit_gradient_norm / (2λ)`` in ``W``.
     fit_iterations
-        Number of Newton iterations the fit took (it stops once the objective stops decreasing in
-        float32 or ``‖∇J‖ ≤ 1e-6``).
+        Number of Newton iterations the fit took (it stops once ``‖∇J‖ ≤ 1e-6``, or once neither
+        the objective nor ``‖∇J‖`` decreases any more at the computation's float precision).
     n_train
         Number of training samples ``n``.
     """
@@ -140,6 +191,9 @@ class RepresenterPointL2(BaseInfluenceCalculator):
         self.model = model
         self.train_set = train_set
         self.loss_function = loss_function
+        self.dtype = result_dtype(model)
+        self._loss = loss_in_dtype(loss_function, self.dtype)
+        self._targets_of = surrogate_targets(loss_function, self.head)
         self.scaling_factor = float(scaling_factor)
         self.epochs = epochs
         self.show_progress = show_progress
@@ -158,12 +212,13 @@ class RepresenterPointL2(BaseInfluenceCalculator):
 
     @compiled_function
     def _features_and_outputs(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
-        features = tf.cast(self.head.features(inputs, training=False), tf.float32)
-        outputs = tf.cast(self.model(inputs, training=False), tf.float32)
+        """Features ``(B, d)`` and surrogate targets ``(B, C)`` (the model's output distributions)."""
+        features = tf.cast(self.head.features(inputs, training=False), self.dtype)
+        outputs = self._targets_of(tf.cast(self.model(inputs, training=False), self.dtype))
         return features, outputs
 
     def _losses(self, targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-        losses = self.loss_function(targets, self.head.activation(logits))
+        losses = tf.cast(self._loss(targets, self.head.activation(logits)), self.dtype)
         if losses.shape.rank > 1:
             losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
         return losses
@@ -196,7 +251,8 @@ class RepresenterPointL2(BaseInfluenceCalculator):
 
             return _conjugate_gradient(hvp, -gradient, cg_iterations)
 
-        kernel = tf.zeros([features.shape[1], self.nb_classes], tf.float32)
+        kernel = tf.zeros([features.shape[1], self.nb_classes], self.dtype)
+        line_search = BacktrackingLineSearch(self.scaling_factor, _ARMIJO_FRACTION, 1.0, _MAX_BACKTRACKS)
         self.fit_iterations = 0
         value, gradient = value_and_gradient(kernel)
         for _ in progress(range(self.epochs), self.show_progress, "Fitting the L2 surrogate"):
@@ -204,20 +260,20 @@ class RepresenterPointL2(BaseInfluenceCalculator):
             slope = float(tf.reduce_sum(gradient * direction))
             if not slope < 0:
                 break
-            step = 1.0
-            for _ in range(_MAX_BACKTRACKS):
-                candidate = kernel + step * direction
-                candidate_value = objective(candidate)
-                if float(candidate_value) <= float(value) + _ARMIJO_FRACTION * step * slope:
-                    break
-                step *= self.scaling_factor
+            step = line_search.search(objective, kernel, direction, float(value), slope)
+            if step is not None and step.value < float(value):
+                kernel = step.point
+                value, gradient = value_and_gradient(kernel)
             else:
-                break
-            stalled = not float(candidate_value) < float(value)
-            kernel = candidate
-            value, gradient = value_and_gradient(kernel)
+                # The objective no longer decreases at this float precision: take the Newton step
+                # only while it still shrinks the gradient (the representer theorem needs ∇J = 0).
+                candidate = kernel + direction
+                candidate_value, candidate_gradient = value_and_gradient(candidate)
+                if not float(tf.norm(candidate_gradient)) < float(tf.norm(gradient)):
+                    break
+                kernel, value, gradient = candidate, candidate_value, candidate_gradient
             self.fit_iterations += 1
-            if stalled or float(tf.norm(gradient)) <= 1e-6:
+            if float(tf.norm(gradient)) <= 1e-6:
                 break
         return kernel, float(tf.norm(gradient))
 
@@ -239,7 +295,9 @@ class RepresenterPointL2(BaseInfluenceCalculator):
     def _label_alpha(self, inputs, labels) -> tuple[tf.Tensor, tf.Tensor]:
         """Features and representer values ``α̃`` taken against the training labels (class indices)."""
         features, _ = self._features_and_outputs(inputs)
-        return features, self._representer_values(features, tf.one_hot(labels, self.nb_classes))
+        if self.nb_classes == 1:
+            return features, self._representer_values(features, tf.cast(labels[:, None], self.dtype))
+        return features, self._representer_values(features, tf.one_hot(labels, self.nb_classes, dtype=self.dtype))
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         check_dataset(dataset, name)
@@ -260,8 +318,13 @@ class RepresenterPointL2(BaseInfluenceCalculator):
     def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
         """``φ(t) = [f_t, e_c]`` with ``c`` the class the model predicts for ``t``, shape ``(B, d + C)``."""
         features, outputs = self._features_and_outputs(samples[0])
-        predicted = tf.one_hot(tf.argmax(outputs, axis=1), self.nb_classes, dtype=features.dtype)
-        return tf.concat([features, predicted], axis=1)
+        return tf.concat([features, self._class_signs(outputs)], axis=1)
+
+    def _class_signs(self, outputs: tf.Tensor) -> tf.Tensor:
+        """``e_c`` for the predicted class ``c``; for one output, ``±1`` for a positive / negative prediction."""
+        if self.nb_classes == 1:
+            return tf.where(outputs > 0.5, tf.ones_like(outputs), -tf.ones_like(outputs))
+        return tf.one_hot(tf.argmax(outputs, axis=1), self.nb_classes, dtype=outputs.dtype)
 
     def _estimate_influence_value_from_influence_vector(
         self, preproc_test_sample: tf.Tensor, influence_vector: tf.Tensor
@@ -276,7 +339,11 @@ class RepresenterPointL2(BaseInfluenceCalculator):
         """``α̃_i[y_i] ‖f_i‖²`` with ``α̃`` taken against the training labels."""
         labels = label_classes(train_samples[1], self.nb_classes)
         features, alpha = self._label_alpha(train_samples[0], labels)
-        return tf.gather(alpha, labels, axis=1, batch_dims=1) * tf.reduce_sum(features * features, axis=1)
+        if self.nb_classes == 1:
+            own = alpha[:, 0] * tf.cast(2 * labels - 1, alpha.dtype)
+        else:
+            own = tf.gather(alpha, labels, axis=1, batch_dims=1)
+        return own * tf.reduce_sum(features * features, axis=1)
 
     def predict_with_kernel(self, samples_to_evaluate: Batch | tf.Tensor) -> tf.Tensor:
         """The surrogate's logits rebuilt from the representer decomposition ``Σ_i α_i ⟨f_i, f_t⟩``.
@@ -294,7 +361,7 @@ class RepresenterPointL2(BaseInfluenceCalculator):
         """
         inputs = samples_to_evaluate[0] if isinstance(samples_to_evaluate, (tuple, list)) else samples_to_evaluate
         test_features, _ = self._features_and_outputs(inputs)
-        logits = tf.zeros([tf.shape(test_features)[0], self.nb_classes], tf.float32)
+        logits = tf.zeros([tf.shape(test_features)[0], self.nb_classes], self.dtype)
         for batch in iterate_batches(self.train_set, "train_set"):
             features, alpha = self._alpha(batch[0])
             logits += tf.matmul(test_features, features, transpose_b=True) @ alpha

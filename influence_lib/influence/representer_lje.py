@@ -106,20 +106,24 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         self.show_progress = show_progress
         self.epsilon = float(epsilon)
         in_dim, self.nb_classes = (int(size) for size in self.head.layer.kernel.shape)
+        dtype = influence_model.dtype.name
         head_model = keras.Sequential(
             [
-                keras.Input((in_dim,)),
-                keras.layers.Dense(self.nb_classes, use_bias=False, activation=self.head.layer.activation),
+                keras.Input((in_dim,), dtype=dtype),
+                keras.layers.Dense(
+                    self.nb_classes, use_bias=False, activation=self.head.layer.activation, dtype=dtype
+                ),
             ]
         )
         head_model.layers[-1].kernel.assign(tf.cast(self.head.kernel, head_model.layers[-1].kernel.dtype))
         self.head_model = InfluenceModel(head_model, loss_function=influence_model.loss_function)
 
-        gradient_sum = tf.zeros([self.head_model.nb_params], tf.float32)
+        gradient_sum = tf.zeros([self.head_model.nb_params], self.value_dtype)
         self.n_train = 0
         batches = progress(iterate_batches(dataset, "dataset"), show_progress, "RPS-LJE perturbation")
         for batch in batches:
-            gradient_sum += tf.cast(self.head_model.batch_gradient_tensor(self._feature_batch(batch)), tf.float32)
+            gradient = self.head_model.batch_gradient_tensor(self._feature_batch(batch))
+            gradient_sum += tf.cast(gradient, self.value_dtype)
             self.n_train += batch_size_of(batch)
         kernel = head_model.layers[-1].kernel
         kernel.assign(kernel + tf.cast(self.epsilon * tf.reshape(gradient_sum, kernel.shape), kernel.dtype))
@@ -137,6 +141,10 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         inputs, targets, sample_weight = self.influence_model.process_batch_for_loss_fn(batch)
         features = self.head.features(inputs, training=False)
         return (features, targets) if sample_weight is None else (features, targets, sample_weight)
+
+    @property
+    def value_dtype(self) -> tf.DType:
+        return self.influence_model.dtype
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         self.influence_model.check_dataset(dataset, name)
@@ -158,19 +166,19 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
     def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:
         """``ψ(i) = vec(Θ_0 − H_0⁻¹ ∇ℓ_i(Θ_0)) / n``, shape ``(B, d·C)``."""
         gradients = self.head_model.batch_jacobian_tensor(self._feature_batch(train_samples))
-        newton_terms = tf.cast(self.ihvp_calculator.ihvp(gradients), tf.float32)
-        kernel = tf.reshape(tf.cast(self.perturbed_kernel, tf.float32), [1, -1])
+        newton_terms = tf.cast(self.ihvp_calculator.ihvp(gradients), self.value_dtype)
+        kernel = tf.reshape(tf.cast(self.perturbed_kernel, self.value_dtype), [1, -1])
         return (kernel - newton_terms) / self.n_train
 
     def _preprocess_samples(self, samples: Batch) -> tf.Tensor:
         """``φ(t) = vec(f_t e_cᵀ)`` with ``c`` the class the model predicts for ``t``."""
         inputs, _, _ = self.influence_model.process_batch_for_loss_fn(samples)
-        features = tf.cast(self.head.features(inputs, training=False), tf.float32)
+        features = tf.cast(self.head.features(inputs, training=False), self.value_dtype)
         predicted = tf.argmax(self.influence_model(inputs), axis=1, output_type=tf.int32)
         return self._class_features(features, predicted)
 
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
         inputs, targets, _ = self.influence_model.process_batch_for_loss_fn(train_samples)
-        features = tf.cast(self.head.features(inputs, training=False), tf.float32)
+        features = tf.cast(self.head.features(inputs, training=False), self.value_dtype)
         classes = label_classes(targets, self.nb_classes)
         return tf.reduce_sum(self._class_features(features, classes) * self._compute_influence_vector(train_samples), 1)

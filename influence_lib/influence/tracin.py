@@ -177,6 +177,10 @@ class TracIn(BaseInfluenceCalculator):
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         self.models[0].check_dataset(dataset, name)
 
+    @property
+    def value_dtype(self) -> tf.DType:
+        return self.models[0].dtype
+
     def _cache_fingerprint(self) -> dict:
         return {
             **super()._cache_fingerprint(),

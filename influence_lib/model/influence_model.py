@@ -27,6 +27,7 @@ from .measurement import Measurement, MeasurementAsLoss, resolve_measurement
 
 ProcessBatch = Callable[[Batch], tuple[object, tf.Tensor, tf.Tensor | None]]
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
+_COMPUTE_DTYPES = (tf.float32, tf.float64)
 _PER_SAMPLE_GRADIENT_MODES = ("auto", "jacobian")
 
 
@@ -55,6 +56,61 @@ def _as_tf_variable(weight) -> tf.Variable:
     return weight.value if isinstance(weight, keras.Variable) else weight
 
 
+def compute_dtype_of(weights: Sequence) -> tf.DType:
+    """The dtype influence computations use for these weights: float64 if any is float64, else float32.
+
+    float16 and bfloat16 weights (and mixed precision) are computed in float32.
+    """
+    dtypes = {tf.as_dtype(weight.dtype) for weight in weights}
+    return tf.float64 if tf.float64 in dtypes else tf.float32
+
+
+def loss_in_dtype(loss_function: Callable, dtype: tf.DType) -> Callable:
+    """``loss_function`` computing in ``dtype``: a Keras loss casts its inputs to its own dtype
+    (``floatx``, float32 by default), so a float64 model gets a float64 copy of it. The user's
+    loss object is never modified."""
+    if not isinstance(loss_function, keras.losses.Loss) or tf.as_dtype(loss_function.dtype) == dtype:
+        return loss_function
+    converted = copy.copy(loss_function)
+    converted._dtype_policy = keras.DTypePolicy(dtype.name)
+    converted._dtype = dtype.name
+    return converted
+
+
+def _owned_weights(layer: keras.layers.Layer, refs: set) -> list:
+    """The weights of ``layer`` whose backing variables are in ``refs``, in ``layer.weights`` order."""
+    return [weight for weight in layer.weights if _as_tf_variable(weight).ref() in refs]
+
+
+def _weights_by_layer(model: keras.Model, weights_to_watch: Sequence) -> tuple[list, list[list]]:
+    """Group explicit weights by the top-level layer of ``model`` that owns them, in the model's order."""
+    flat = []
+    for item in weights_to_watch:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    if not flat:
+        raise ValueError("weights_to_watch is empty: pass a list of the model's weights (e.g. layer.weights).")
+    wanted = {}
+    for weight in flat:
+        if not isinstance(weight, (keras.Variable, tf.Variable)):
+            raise TypeError(
+                f"weights_to_watch must hold the model's variables (e.g. model.layers[-1].weights), got "
+                f"{type(weight).__name__}."
+            )
+        wanted.setdefault(_as_tf_variable(weight).ref(), weight)
+    layers, per_layer, found = [], [], set()
+    for layer in model.layers:
+        refs = [_as_tf_variable(w).ref() for w in layer.weights]
+        owned = [w for w, ref in zip(layer.weights, refs) if ref in wanted and ref not in found]
+        if owned:
+            found.update(_as_tf_variable(w).ref() for w in owned)
+            layers.append(layer)
+            per_layer.append(owned)
+    missing = [getattr(wanted[ref], "path", getattr(wanted[ref], "name", "?")) for ref in wanted if ref not in found]
+    if missing:
+        raise ValueError(f"weights_to_watch holds weights that are not in the model's layers: {missing}.")
+    return layers, per_layer
+
+
 class InfluenceModel:
     """A Keras 3 model wrapped for influence computations.
 
@@ -79,9 +135,25 @@ class InfluenceModel:
         ``"auto"`` (default): closed-form per-sample gradients when every watched layer has a
         rule and the forward pass can be traced, the vectorized jacobian otherwise.
         ``"jacobian"``: always the vectorized jacobian.
+    weights_to_watch
+        Watch exactly these weights of the model (a list of variables, or of lists of variables
+        such as ``[layer.weights for layer in ...]``) instead of ``start_layer``/``last_layer``.
+        They are ordered as the model's layers and each layer's weights list them.
 
     Attributes
     ----------
+    layers
+        Every layer of the Keras model (``model.layers``), as in Influenciae.
+    watched_layers
+        The layers whose weights are watched, in model order.
+    weights
+        The watched Keras variables (``keras.Variable``, so ``weights == layer.weights`` holds for
+        a fully watched layer), in flattening order.
+    tf_variables
+        The backing ``tf.Variable`` of each watched weight: what gradient tapes watch.
+    dtype
+        The computation and result dtype: float64 for a float64 model, float32 otherwise
+        (float16, bfloat16 and mixed precision compute in float32).
     closed_form_layers
         The watched layers owning watched weights, in order (the blocks of
         :meth:`batch_jacobian_blocks`).
@@ -94,7 +166,9 @@ class InfluenceModel:
     The model is always run in inference mode (``training=False``): dropout is off and
     BatchNormalization uses its moving statistics, so samples never mix within a batch (the
     closed form relies on this: the loss of sample ``i`` must depend on sample ``i`` only).
-    Losses and gradients are computed in float32 even for float16/bfloat16 models.
+    Losses, gradients, Hessians and every influence value are computed in :attr:`dtype`: a
+    float64 model stays float64 end to end (a Keras loss is run in float64 too), a float16 or
+    bfloat16 one computes in float32.
     """
 
     def __init__(
@@ -105,6 +179,7 @@ class InfluenceModel:
         loss_function: Callable | None = None,
         process_batch_for_loss_fn: ProcessBatch = default_process_batch,
         per_sample_gradients: str = "auto",
+        weights_to_watch: Sequence | None = None,
     ):
         if per_sample_gradients not in _PER_SAMPLE_GRADIENT_MODES:
             raise ValueError(
@@ -118,15 +193,27 @@ class InfluenceModel:
         self.model = model
         self.loss_function = loss_function
         self.process_batch_for_loss_fn = process_batch_for_loss_fn
-        self.layers = select_layers(model, start_layer, last_layer)
-        watched = [weight for layer in self.layers for weight in layer.trainable_weights]
+        self.start_layer, self.last_layer = start_layer, last_layer
+        if weights_to_watch is not None:
+            if start_layer is not None or last_layer is not None:
+                raise ValueError("Pass either weights_to_watch or start_layer/last_layer, not both.")
+            self.watched_layers, per_layer = _weights_by_layer(model, weights_to_watch)
+        else:
+            self.watched_layers = select_layers(model, start_layer, last_layer)
+            per_layer = [list(layer.trainable_weights) for layer in self.watched_layers]
+        watched = [weight for weights in per_layer for weight in weights]
         if not watched:
-            names = [layer.name for layer in self.layers]
+            names = [layer.name for layer in self.watched_layers]
             raise ValueError(f"The selected layers {names} have no trainable weights; choose other layers.")
-        self.weights: list[tf.Variable] = [_as_tf_variable(weight) for weight in watched]
-        self.weight_shapes: list[tuple[int, ...]] = [tuple(weight.shape) for weight in self.weights]
+        self.layers: list[keras.layers.Layer] = model.layers
+        self.weights: list[keras.Variable] = watched
+        self.tf_variables: list[tf.Variable] = [_as_tf_variable(weight) for weight in watched]
+        self.dtype: tf.DType = compute_dtype_of(watched)
+        self.weight_shapes: list[tuple[int, ...]] = [tuple(weight.shape) for weight in watched]
         self.nb_params: int = int(sum(np.prod(shape, dtype=np.int64) for shape in self.weight_shapes))
-        self.closed_form_layers = [layer for layer in self.layers if layer.trainable_weights]
+        watched_refs = {variable.ref() for variable in self.tf_variables}
+        self.closed_form_layers = [layer for layer in self.watched_layers if _owned_weights(layer, watched_refs)]
+        self._closed_form_weights = [_owned_weights(layer, watched_refs) for layer in self.closed_form_layers]
         self.fallback_reason: str | None = None
         self._recorder, self._static_fallback = self._plan_closed_form(per_sample_gradients)
 
@@ -136,14 +223,14 @@ class InfluenceModel:
             return None, "per_sample_gradients='jacobian' was requested"
         rules, parameters = [], []
         self._weight_positions: list[list[int]] = []
-        for layer in self.closed_form_layers:
+        for layer, layer_weights in zip(self.closed_form_layers, self._closed_form_weights):
             rule = rule_for(layer)
             if rule is None:
                 return None, f"no closed-form rule for layer {layer.name!r} of type {type(layer).__name__}"
             params = [None if p is None else _as_tf_variable(p) for p in rule.parameters(layer)]
             refs = [None if p is None else p.ref() for p in params]
             positions = []
-            for weight in layer.trainable_weights:
+            for weight in layer_weights:
                 ref = _as_tf_variable(weight).ref()
                 if ref not in refs:
                     return None, f"weight {weight.name!r} of layer {layer.name!r} is not covered by its rule"
@@ -151,7 +238,7 @@ class InfluenceModel:
             rules.append(rule)
             parameters.append(params)
             self._weight_positions.append(positions)
-        return LayerRecorder(self.closed_form_layers, rules, parameters), None
+        return LayerRecorder(self.closed_form_layers, rules, parameters, self.dtype), None
 
     def with_measurement(self, measurement: "str | Measurement | None") -> "InfluenceModel":
         """The same model and watched weights, differentiating ``measurement`` instead of the loss.
@@ -218,9 +305,9 @@ class InfluenceModel:
         inputs, targets, sample_weight = self.process_batch_for_loss_fn(batch)
         outputs = self.model(inputs, training=False)
         outputs = tf.nest.map_structure(
-            lambda out: tf.cast(out, tf.float32) if out.dtype in _LOW_PRECISION else out, outputs
+            lambda out: tf.cast(out, self.dtype) if out.dtype in _LOW_PRECISION + _COMPUTE_DTYPES else out, outputs
         )
-        losses = self.loss_function(targets, outputs)
+        losses = loss_in_dtype(self.loss_function, self.dtype)(targets, outputs)
         if losses.shape.rank == 0:
             raise ValueError(
                 "The loss function returned a single value for the whole batch: it is reduced, or the "
@@ -230,7 +317,7 @@ class InfluenceModel:
             losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
         if sample_weight is not None:
             losses = losses * tf.cast(tf.reshape(sample_weight, [-1]), losses.dtype)
-        return losses
+        return tf.cast(losses, self.dtype)
 
     @compiled_method
     def batch_loss_tensor(self, batch: Batch) -> tf.Tensor:
@@ -277,15 +364,15 @@ class InfluenceModel:
                 per_call = [rule.per_sample_gradients(layer, call) for call in calls]
                 summed = [tf.add_n([parts[position] for parts in per_call]) for position in positions]
                 block = tf.concat(self.flatten_per_weight(summed), axis=1)
-            blocks.append(tf.cast(block, self.weights[0].dtype))
+            blocks.append(tf.cast(block, self.dtype))
         return blocks
 
     def _jacobian_blocks(self, batch: Batch) -> list[tf.Tensor]:
         """Per-layer blocks of the pfor jacobian (any model)."""
         gradients = self.flatten_per_weight(self._jacobian_weight_gradients(batch))
         blocks, start = [], 0
-        for layer in self.closed_form_layers:
-            count = len(layer.trainable_weights)
+        for layer_weights in self._closed_form_weights:
+            count = len(layer_weights)
             blocks.append(tf.concat(gradients[start : start + count], axis=1))
             start += count
         return blocks
@@ -293,11 +380,12 @@ class InfluenceModel:
     def _jacobian_weight_gradients(self, batch: Batch) -> list[tf.Tensor]:
         """Per-sample gradients by ``GradientTape.jacobian`` with pfor (works for any model)."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(self.weights)
+            tape.watch(self.tf_variables)
             losses = self._per_sample_loss(batch)
-        return tape.jacobian(
-            losses, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
+        jacobians = tape.jacobian(
+            losses, self.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
         )
+        return [tf.cast(jacobian, self.dtype) for jacobian in jacobians]
 
     def _blocks(self, batch: Batch) -> list[tf.Tensor]:
         record = self._record(batch)
@@ -346,7 +434,7 @@ class InfluenceModel:
                     self._summed_flat_gradients(index, calls_a), self._summed_flat_gradients(index, calls_b),
                     transpose_b=True,
                 ))
-        return tf.cast(tf.add_n(grams), self.weights[0].dtype)
+        return tf.cast(tf.add_n(grams), self.dtype)
 
     def _summed_flat_gradients(self, index: int, calls: list[LayerCall]) -> tf.Tensor:
         layer, rule, watched = self.closed_form_layers[index], self._recorder.rules[index], self._watched_mask(index)
@@ -368,11 +456,11 @@ class InfluenceModel:
                 norms.append(self._recorder.rules[index].norm_sq(layer, calls[0], self._watched_mask(index)))
             else:
                 norms.append(tf.reduce_sum(tf.square(self._summed_flat_gradients(index, calls)), axis=1))
-        return tf.cast(tf.add_n(norms), self.weights[0].dtype)
+        return tf.cast(tf.add_n(norms), self.dtype)
 
     @compiled_method
     def batch_layer_io_tensor(self, batch: Batch) -> list[list[tuple[tf.Tensor, tf.Tensor]]]:
-        """Inputs and float32 pre-activation outputs of every call of every watched layer.
+        """Inputs and pre-activation outputs (in :attr:`dtype`) of every call of every watched layer.
 
         Returns, for each layer of :attr:`closed_form_layers`, a list with one ``(inputs,
         preactivation)`` pair per call in the forward pass (e.g. the logits of a final Dense
@@ -386,14 +474,16 @@ class InfluenceModel:
     @compiled_method
     def batch_gradient_tensor(self, batch: Batch) -> tf.Tensor:
         """Gradient of the summed loss of one batch w.r.t. the watched weights, shape ``(nb_params,)``."""
-        return self._summed_gradient(batch)
+        return self.summed_gradient(batch)
 
-    def _summed_gradient(self, batch: Batch) -> tf.Tensor:
-        """Flat gradient of ``Σ_i ℓ_i``; differentiable again when called under an outer tape."""
+    def summed_gradient(self, batch: Batch) -> tf.Tensor:
+        """Flat gradient of ``Σ_i ℓ_i`` over one batch, shape ``(nb_params,)``, run in the caller's context
+        (not compiled) so that an outer ``GradientTape`` or ``ForwardAccumulator`` differentiates it again."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(self.weights)
+            tape.watch(self.tf_variables)
             loss = tf.reduce_sum(self._per_sample_loss(batch))
-        return self.flatten(tape.gradient(loss, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        gradients = tape.gradient(loss, self.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self.flatten([tf.cast(gradient, self.dtype) for gradient in gradients])
 
     @compiled_method
     def batch_hvp_tensor(self, batch: Batch, vectors: tf.Tensor) -> tf.Tensor:
@@ -403,13 +493,16 @@ class InfluenceModel:
         differentiating ``⟨∇ Σ_i ℓ_i, v⟩`` once more; no per-sample Hessian is ever formed.
         """
         with tf.GradientTape(watch_accessed_variables=False) as outer:
-            outer.watch(self.weights)
-            gradient = self._summed_gradient(batch)
+            outer.watch(self.tf_variables)
+            gradient = self.summed_gradient(batch)
             projections = tf.linalg.matvec(tf.cast(vectors, gradient.dtype), gradient)
         hvps = outer.jacobian(
-            projections, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
+            projections,
+            self.tf_variables,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            experimental_use_pfor=True,
         )
-        return self.flatten(hvps, batch_dims=1)
+        return self.flatten([tf.cast(hvp, self.dtype) for hvp in hvps], batch_dims=1)
 
     @compiled_method
     def batch_hessian_tensor(self, batch: Batch) -> tf.Tensor:
@@ -419,12 +512,12 @@ class InfluenceModel:
         per-sample Hessian. Memory O(P²) plus P gradient-sized temporaries.
         """
         with tf.GradientTape(watch_accessed_variables=False) as outer:
-            outer.watch(self.weights)
-            gradient = self._summed_gradient(batch)
+            outer.watch(self.tf_variables)
+            gradient = self.summed_gradient(batch)
         hessian = outer.jacobian(
-            gradient, self.weights, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
+            gradient, self.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
         )
-        return self.flatten(hessian, batch_dims=1)
+        return self.flatten([tf.cast(block, self.dtype) for block in hessian], batch_dims=1)
 
     def batch_loss(self, dataset: tf.data.Dataset) -> tf.Tensor:
         """Per-sample losses of a whole batched dataset, shape ``(n,)``."""
@@ -440,3 +533,41 @@ class InfluenceModel:
         """Gradient of the summed loss of each batch, shape ``(nb_batches, nb_params)``."""
         self.check_dataset(dataset)
         return tf.stack([self.batch_gradient_tensor(batch) for batch in iterate_batches(dataset)])
+
+
+class BaseInfluenceModel(InfluenceModel):
+    """Influenciae's ``BaseInfluenceModel``: an :class:`InfluenceModel` watching an explicit list of weights.
+
+    Parameters
+    ----------
+    model
+        A built Keras model.
+    weights_to_watch
+        The weights to watch: variables of the model's layers, flat or as a list of lists (e.g.
+        ``[layer.weights for layer in model.layers[-2:]]``). ``None`` watches every trainable weight.
+    loss_function, process_batch_for_loss_fn, per_sample_gradients
+        As for :class:`InfluenceModel`.
+    weights_processed
+        Accepted for compatibility with Influenciae and ignored: flat and nested lists are both understood.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        weights_to_watch: Sequence | None = None,
+        loss_function: Callable | None = None,
+        process_batch_for_loss_fn: ProcessBatch = default_process_batch,
+        weights_processed: bool = False,
+        per_sample_gradients: str = "auto",
+    ):
+        if weights_to_watch is None:
+            if not isinstance(model, keras.Model):
+                raise TypeError(f"model must be a Keras 3 keras.Model, got {type(model).__name__}.")
+            weights_to_watch = model.trainable_weights
+        super().__init__(
+            model,
+            loss_function=loss_function,
+            process_batch_for_loss_fn=process_batch_for_loss_fn,
+            per_sample_gradients=per_sample_gradients,
+            weights_to_watch=weights_to_watch,
+        )

@@ -3,9 +3,9 @@
 The ``call`` of each watched layer *instance* is replaced, for the duration of a ``with``
 block, by a function computing the same output from the layer's own parameters through the
 matching :class:`~influence_lib.model.layer_rules.LayerRule`; the pre-activation output is cast
-to float32 and watched by the tape, so one backward pass of the summed loss yields every
-output gradient ``δ``. The instances are restored when the block exits, even on error, and the
-user's model is never left modified. A lock serializes recordings across threads; a recording
+to the computation dtype (float64 for a float64 model, float32 otherwise) and watched by the
+tape, so one backward pass of the summed loss yields every output gradient ``δ``. The instances
+are restored when the block exits, even on error, and the user's model is never left modified. A lock serializes recordings across threads; a recording
 nested in another one (same thread) takes precedence over it, and the outer one then reports
 its layers as not called.
 
@@ -55,12 +55,22 @@ class LayerRecorder:
         One rule per layer.
     parameters
         Per layer, its parameter variables (``tf.Variable`` or ``None``) in the rule's order.
+    dtype
+        The dtype of the recorded pre-activations, hence of the output gradients ``δ`` and of
+        the per-sample gradients (float32 or float64).
     """
 
-    def __init__(self, layers: Sequence[keras.layers.Layer], rules: Sequence[LayerRule], parameters: Sequence[list]):
+    def __init__(
+        self,
+        layers: Sequence[keras.layers.Layer],
+        rules: Sequence[LayerRule],
+        parameters: Sequence[list],
+        dtype: tf.DType = tf.float32,
+    ):
         self.layers = list(layers)
         self.rules = list(rules)
         self.parameters = [list(params) for params in parameters]
+        self.dtype = tf.as_dtype(dtype)
 
     def _wrap(self, index: int, original, tape: tf.GradientTape, record: Recording):
         layer, rule, params = self.layers[index], self.rules[index], self.parameters[index]
@@ -74,7 +84,7 @@ class LayerRecorder:
             with tape.stop_recording():
                 values = [None if p is None else tf.cast(tf.convert_to_tensor(p), layer.compute_dtype) for p in params]
             preactivation = rule.preactivation(layer, inputs, values)
-            watched = tf.cast(preactivation, tf.float32)
+            watched = tf.cast(preactivation, self.dtype)
             tape.watch(watched)
             record.calls[index].append(LayerCall(inputs=inputs, preactivation=watched))
             return rule.activate(layer, tf.cast(watched, preactivation.dtype))

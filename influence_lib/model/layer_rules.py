@@ -32,8 +32,9 @@ import tensorflow as tf
 class LayerCall:
     """What one call of a watched layer leaves behind: its input and its pre-activation output.
 
-    ``preactivation`` is float32 and watched by the recording tape; the output gradient
-    ``delta`` (same shape) is filled in after the backward pass.
+    ``preactivation`` is in the computation dtype (float32, or float64 for a float64 model) and
+    watched by the recording tape; the output gradient ``delta`` (same shape and dtype) is filled
+    in after the backward pass.
     """
 
     inputs: tf.Tensor
@@ -41,8 +42,9 @@ class LayerCall:
     delta: tf.Tensor | None = None
 
 
-def _float32(tensor: tf.Tensor) -> tf.Tensor:
-    return tf.cast(tensor, tf.float32)
+def _like(tensor: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:
+    """``tensor`` in the computation dtype, which the recorded ``reference`` (a δ) carries."""
+    return tf.cast(tensor, reference.dtype)
 
 
 class LayerRule(abc.ABC):
@@ -70,7 +72,7 @@ class LayerRule(abc.ABC):
 
     @abc.abstractmethod
     def per_sample_gradients(self, layer: keras.layers.Layer, call: LayerCall) -> list:
-        """Per-sample gradients ``(B, *parameter_shape)`` of each parameter, float32."""
+        """Per-sample gradients ``(B, *parameter_shape)`` of each parameter, in ``call.delta``'s dtype."""
 
     def gram(self, layer: keras.layers.Layer, call_a: LayerCall, call_b: LayerCall, watched: list[bool]) -> tf.Tensor:
         """``⟨g_i, g_j⟩`` restricted to the watched parameters, shape ``(A, B)``.
@@ -124,7 +126,7 @@ class DenseRule(LayerRule):
         return outputs if bias is None else outputs + bias
 
     def per_sample_gradients(self, layer, call):
-        inputs, delta = _float32(call.inputs), call.delta
+        inputs, delta = _like(call.inputs, call.delta), call.delta
         if inputs.shape.rank == 2:
             return [inputs[:, :, None] * delta[:, None, :], delta]
         inputs, delta = _as_sequence(inputs), _as_sequence(delta)
@@ -134,7 +136,7 @@ class DenseRule(LayerRule):
         """With kernel and bias watched, ``[a, 1] ⊗ δ`` flattened is ``[vec(∂W), ∂b]`` in one product."""
         if watched != [True, True]:
             return super().flat_gradients(layer, call, watched)
-        inputs = _as_sequence(_float32(call.inputs))
+        inputs = _as_sequence(_like(call.inputs, call.delta))
         augmented = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
         products = tf.matmul(augmented, _as_sequence(call.delta), transpose_a=True)
         return tf.reshape(products, [tf.shape(products)[0], -1])
@@ -153,11 +155,11 @@ class DenseRule(LayerRule):
             return super().gram(layer, call_a, call_b, watched)
         watch_kernel, watch_bias = watched[0], len(watched) > 1 and watched[1]
         if call_a.inputs.shape.rank == 2 and call_b.inputs.shape.rank == 2:
-            inputs_a, inputs_b = _float32(call_a.inputs), _float32(call_b.inputs)
+            inputs_a, inputs_b = _like(call_a.inputs, call_a.delta), _like(call_b.inputs, call_b.delta)
             factor = tf.matmul(inputs_a, inputs_b, transpose_b=True) if watch_kernel else 0.0
             return (factor + (1.0 if watch_bias else 0.0)) * tf.matmul(call_a.delta, call_b.delta, transpose_b=True)
-        inputs_a, delta_a = _as_sequence(_float32(call_a.inputs)), _as_sequence(call_a.delta)
-        inputs_b, delta_b = _as_sequence(_float32(call_b.inputs)), _as_sequence(call_b.delta)
+        inputs_a, delta_a = _as_sequence(_like(call_a.inputs, call_a.delta)), _as_sequence(call_a.delta)
+        inputs_b, delta_b = _as_sequence(_like(call_b.inputs, call_b.delta)), _as_sequence(call_b.delta)
         delta_products = tf.einsum("ato,bso->abts", delta_a, delta_b)
         factor = tf.zeros_like(delta_products)
         if watch_kernel:
@@ -169,7 +171,7 @@ class DenseRule(LayerRule):
     def norm_sq(self, layer, call, watched):
         if call.inputs.shape.rank != 2 or not any(watched):
             return super().norm_sq(layer, call, watched)
-        factor = tf.reduce_sum(tf.square(_float32(call.inputs)), axis=1) if watched[0] else 0.0
+        factor = tf.reduce_sum(tf.square(_like(call.inputs, call.delta)), axis=1) if watched[0] else 0.0
         if len(watched) > 1 and watched[1]:
             factor += 1.0
         return factor * tf.reduce_sum(tf.square(call.delta), axis=1)
@@ -204,7 +206,7 @@ class EinsumDenseRule(LayerRule):
         inputs_spec, kernel_spec, outputs_spec = self._EQUATION.match(layer.equation.replace(" ", "")).groups()
         batch = inputs_spec[0]
         kernel_grad = tf.einsum(
-            f"{inputs_spec},{outputs_spec}->{batch}{kernel_spec}", _float32(call.inputs), call.delta
+            f"{inputs_spec},{outputs_spec}->{batch}{kernel_spec}", _like(call.inputs, call.delta), call.delta
         )
         if layer.bias is None:
             return [kernel_grad, None]
@@ -269,7 +271,7 @@ class ConvRule(LayerRule):
         ``(c_in × positions)·(positions × c_out)`` per sample. No patch tensor is formed: several
         times faster on CPU than ``tf.image.extract_patches`` followed by one matmul.
         """
-        inputs, padding = self._padded(layer, _float32(call.inputs))
+        inputs, padding = self._padded(layer, _like(call.inputs, call.delta))
         kernel_size, strides, dilation = list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate)
         delta = call.delta
         if layer.rank == 1:
@@ -326,7 +328,7 @@ class EmbeddingRule(LayerRule):
         if steps is None or steps > int(np.prod(layer._embeddings.shape)):
             return super().gram(layer, call_a, call_b, watched)
         ids_b = tf.cast(ids_b, ids_a.dtype)
-        same_token = tf.cast(tf.equal(ids_a[:, None, :, None], ids_b[None, :, None, :]), tf.float32)
+        same_token = tf.cast(tf.equal(ids_a[:, None, :, None], ids_b[None, :, None, :]), call_a.delta.dtype)
         delta_a = tf.reshape(call_a.delta, [tf.shape(ids_a)[0], -1, call_a.delta.shape[-1]])
         delta_b = tf.reshape(call_b.delta, [tf.shape(ids_b)[0], -1, call_b.delta.shape[-1]])
         return tf.reduce_sum(same_token * tf.einsum("ato,bso->abts", delta_a, delta_b), axis=[2, 3])

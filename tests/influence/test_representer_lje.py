@@ -127,3 +127,21 @@ def test_the_model_is_not_modified_and_bad_arguments_raise():
         _calculator(model, dataset.take(0))
     with pytest.raises(ValueError, match="n_samples_for_hessian"):
         _calculator(model, dataset, n_samples_for_hessian=0)
+
+
+def test_float64_model_is_explained_in_float64():
+    model = keras.Sequential([
+        keras.Input((IN_DIM,), dtype="float64"),
+        keras.layers.Dense(HIDDEN, activation="tanh", dtype="float64"),
+        keras.layers.Dense(CLASSES, use_bias=False, activation="softmax", dtype="float64"),
+    ])
+    x, y = (part.astype(np.float64) for part in _data(N))
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    calculator = _calculator(model, dataset)
+    features, theta_0, terms = _numpy_lje(model, x, y)
+    np.testing.assert_allclose(calculator.perturbed_kernel.numpy(), theta_0, rtol=1e-12)
+    values = extract_only_values(calculator.compute_influence_values(dataset)).numpy()
+    assert values.dtype == np.float64
+    labels = y.argmax(1)
+    expected = np.einsum("nd,nd->n", features, terms.reshape(N, HIDDEN, CLASSES)[np.arange(N), :, labels])
+    np.testing.assert_allclose(values, expected, rtol=1e-10, atol=1e-12)

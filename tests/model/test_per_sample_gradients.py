@@ -46,7 +46,9 @@ def check_closed_form(model, inputs, targets, start, last, loss_function=CCE, sa
     batch = (inputs, targets) if sample_weight is None else (inputs, targets, sample_weight)
     jacobian = influence_model.batch_jacobian_tensor(batch)
     assert influence_model.fallback_reason is None
-    expected = one_sample_gradients(model, influence_model.layers, loss_function, inputs, targets, sample_weight)
+    expected = one_sample_gradients(
+        model, influence_model.watched_layers, loss_function, inputs, targets, sample_weight
+    )
     assert_close(jacobian, expected, rtol)
     return influence_model, jacobian
 
@@ -244,7 +246,7 @@ def test_works_inside_a_user_tf_function_and_dataset_level():
     def squared_norms(batch):
         return tf.reduce_sum(tf.square(influence_model.batch_jacobian_tensor(batch)), axis=1)
 
-    expected = one_sample_gradients(model, influence_model.layers, CCE, x, y)
+    expected = one_sample_gradients(model, influence_model.watched_layers, CCE, x, y)
     assert_close(squared_norms((x, y)), np.sum(expected**2, axis=1))
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
     assert_close(influence_model.batch_jacobian(dataset), expected)
