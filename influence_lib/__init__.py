@@ -26,8 +26,10 @@ from .influence import (
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
     InfluenceBatches,
+    NumpyResult,
     SelfInfluenceCalculator,
     extract_only_values,
+    to_numpy,
 )
 from .influence.arnoldi import ArnoldiInfluenceCalculator
 from .influence.boundary_sample import SampleBoundaryCalculator
@@ -80,5 +82,7 @@ __all__ = [
     "WeightsBoundaryCalculator",
     "default_process_batch",
     "extract_only_values",
+    "to_numpy",
+    "NumpyResult",
     "gauss_newton_hessian",
 ]

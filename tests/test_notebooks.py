@@ -16,6 +16,7 @@ def test_the_notebooks_are_there():
         "explaining_a_prediction",
         "tracin_with_callback",
         "group_influence",
+        "your_own_model",
     }
 
 

@@ -82,7 +82,7 @@ def run(arguments: argparse.Namespace) -> dict:
     is_flipped[best_run.flipped_indices] = True
     histogram = plot_self_influence_histogram(
         best_run.scores, is_flipped, log_scale=bool((best_run.scores > 0).all()),
-        title=f"{best.name} scores, seed {best_run.seed}",
+        title=f"{best.name} scores, seed {best_run.seed}", score_name=f"{best.name} score",
     )
     histogram_path = os.path.abspath(os.path.join(arguments.out, "self_influence_histogram.png"))
     histogram.savefig(histogram_path, dpi=120, bbox_inches="tight")

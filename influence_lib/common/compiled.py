@@ -11,6 +11,12 @@ as in training.
 a temporary object (``InfluenceModel(model).batch_jacobian_tensor(batch)``) fails once the
 object is collected mid-call. This descriptor compiles the bound method on first access and
 stores it on the instance, which then keeps it (and itself) alive for as long as it is used.
+
+TensorFlow warns about "excessive retracing" per Python function (keyed by its code object), so
+the first traces of many instances (one ``InfluenceModel`` per checkpoint, a new calculator per
+notebook cell) would add up to a warning although no instance retraces. The method is therefore
+compiled as a per-instance ``functools.partial``, which TensorFlow keys by the object itself:
+the warning then only fires for one instance tracing again and again.
 """
 import functools
 
@@ -36,6 +42,6 @@ class compiled_method:
     def __get__(self, instance, owner=None):
         if instance is None:
             return self
-        compiled = compiled_function(self.function.__get__(instance, owner))
+        compiled = compiled_function(functools.partial(self.function, instance))
         instance.__dict__[self.name] = compiled
         return compiled

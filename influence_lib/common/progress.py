@@ -1,4 +1,10 @@
-"""Progress bars for long loops (tqdm), with one switch to turn them off."""
+"""Progress bars for long loops (tqdm), with one switch to turn them off.
+
+Only the outermost loop shows a bar: a loop running inside another one's bar (influence vectors
+computed inside a pairwise pass, a Hessian inside a calculator's construction, ...) stays silent,
+so that no nested bars (and the cursor-movement escape codes they write) end up in logs.
+"""
+import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -6,6 +12,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
+_SHOWN = threading.local()
 
 
 def known_cardinality(dataset: tf.data.Dataset) -> int | None:
@@ -15,9 +22,14 @@ def known_cardinality(dataset: tf.data.Dataset) -> int | None:
 
 
 def progress(iterable: Iterable[T], enabled: bool, desc: str, total: int | None = None) -> Iterator[T]:
-    """Iterate over ``iterable``, showing a tqdm bar when ``enabled``."""
-    if not enabled:
+    """Iterate over ``iterable``, showing a tqdm bar when ``enabled`` and no other bar is showing."""
+    depth = getattr(_SHOWN, "depth", 0)
+    if not enabled or depth > 0:
         yield from iterable
         return
-    with tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True) as bar:
-        yield from bar
+    _SHOWN.depth = depth + 1
+    try:
+        with tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True) as bar:
+            yield from bar
+    finally:
+        _SHOWN.depth = depth

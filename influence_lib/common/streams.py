@@ -57,11 +57,16 @@ class GeneratorDataset(tf.data.Dataset):
         ``output_signature``.
     output_signature
         Nested ``tf.TensorSpec`` of one element.
+    cardinality
+        The number of elements when known in advance: ``len()`` and ``cardinality()`` report it
+        (``from_generator`` alone reports an unknown cardinality).
     """
 
-    def __init__(self, make_iterator: Callable[[], Iterator], output_signature):
+    def __init__(self, make_iterator: Callable[[], Iterator], output_signature, cardinality: int | None = None):
         self._make_iterator = make_iterator
         self._source = tf.data.Dataset.from_generator(make_iterator, output_signature=output_signature)
+        if cardinality is not None:
+            self._source = self._source.apply(tf.data.experimental.assert_cardinality(cardinality))
         super().__init__(self._source._variant_tensor)
 
     def _inputs(self) -> list[tf.data.Dataset]:

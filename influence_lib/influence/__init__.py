@@ -3,6 +3,7 @@ from .arnoldi import ArnoldiInfluenceCalculator
 from .base import BaseInfluenceCalculator, InfluenceBatches, SelfInfluenceCalculator, extract_only_values
 from .first_order import FirstOrderInfluenceCalculator
 from .group import FirstOrderGroupInfluence, GroupInfluence
+from .results import NumpyResult, to_numpy
 from .second_order import SecondOrderInfluenceCalculator
 
 __all__ = [
@@ -12,7 +13,9 @@ __all__ = [
     "FirstOrderInfluenceCalculator",
     "GroupInfluence",
     "InfluenceBatches",
+    "NumpyResult",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "extract_only_values",
+    "to_numpy",
 ]

@@ -40,6 +40,7 @@ from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
 from ..common.vector_cache import load_vectors, save_vectors
 from ..model.influence_model import InfluenceModel, compute_dtype_of
 from ..utils.nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbors
+from .results import extract_only_values  # noqa: F401  (re-exported: its historical home)
 
 VALUE_DTYPE = tf.float32
 
@@ -79,11 +80,6 @@ def _located(first_index: int):
         raise NonFiniteError(f"In the training batch starting at sample {first_index}: {error}") from error
 
 
-def extract_only_values(dataset: tf.data.Dataset) -> tf.Tensor:
-    """Concatenate the values (last component) of a ``(batch, values)`` result dataset into one tensor."""
-    return tf.concat([element[-1] for element in dataset], axis=0)
-
-
 class InfluenceBatches:
     """Re-iterable stream of ``(batch_to_evaluate, dataset of (training batch, values))`` pairs.
 
@@ -91,11 +87,20 @@ class InfluenceBatches:
     one batch to evaluate at a time.
     """
 
-    def __init__(self, make_iterator: Callable[[], Iterator[tuple[Batch, tf.data.Dataset]]]):
+    def __init__(
+        self, make_iterator: Callable[[], Iterator[tuple[Batch, tf.data.Dataset]]], cardinality: int | None = None
+    ):
         self._make_iterator = make_iterator
+        self._cardinality = cardinality
 
     def __iter__(self) -> Iterator[tuple[Batch, tf.data.Dataset]]:
         return self._make_iterator()
+
+    def __len__(self) -> int:
+        """Number of batches to evaluate, when the dataset to evaluate knows it."""
+        if self._cardinality is None:
+            raise TypeError("The length of the dataset to evaluate is unknown, so is this result's.")
+        return self._cardinality
 
 
 class SelfInfluenceCalculator(ABC):
@@ -148,7 +153,11 @@ class SelfInfluenceCalculator(ABC):
         self._check_dataset(train_set, "train_set")
         check_device(device)
         signature = (train_set.element_spec, tf.TensorSpec((None,), self.value_dtype))
-        return GeneratorDataset(on_device(device, lambda: self._self_influence_batches(train_set)), signature)
+        return GeneratorDataset(
+            on_device(device, lambda: self._self_influence_batches(train_set)),
+            signature,
+            cardinality=known_cardinality(train_set),
+        )
 
     def compute_top_k_from_training_dataset(
         self, train_set: tf.data.Dataset, k: int, order: ORDER = ORDER.DESCENDING
@@ -241,7 +250,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         else:
             make_pairs = lambda: self._influence_vector_batches(train_set)
         signature = (train_set.element_spec, tf.TensorSpec((None, None), self.value_dtype))
-        return GeneratorDataset(on_device(device, make_pairs), signature)
+        return GeneratorDataset(on_device(device, make_pairs), signature, cardinality=known_cardinality(train_set))
 
     def _save_influence_vectors(self, train_set: tf.data.Dataset, path: str) -> None:
         save_vectors(
@@ -337,7 +346,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                         values = self._estimate_influence_value_from_influence_vector(evaluated, vectors)
                     yield batch, values
 
-            return GeneratorDataset(generate, signature)
+            return GeneratorDataset(generate, signature, cardinality=known_cardinality(train_set))
 
         def evaluated_batches() -> Iterator[tuple[Batch, tf.data.Dataset]]:
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
@@ -348,7 +357,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 yield batch, values_for(evaluated)
 
         if save_influence_value_path is None:
-            return InfluenceBatches(computed)
+            return InfluenceBatches(computed, known_cardinality(dataset_to_evaluate))
         paths = []
         for index, (batch, values) in enumerate(computed()):
             path = os.path.join(save_influence_value_path, f"batch_{index:06d}")
@@ -356,7 +365,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             paths.append(path)
         return InfluenceBatches(
             lambda: ((batch, tf.data.Dataset.load(path)) for batch, path in zip(
-                iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"), paths))
+                iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"), paths)),
+            len(paths),
         )
 
     def top_k(
@@ -429,7 +439,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             samples_spec,
             tf.TensorSpec((None, None), tf.int64),
         )
-        top_k_dataset = GeneratorDataset(on_device(device, generate), signature)
+        top_k_dataset = GeneratorDataset(
+            on_device(device, generate), signature, cardinality=known_cardinality(dataset_to_evaluate)
+        )
         if save_top_k_ds_path is None:
             return top_k_dataset
         tf.data.Dataset.save(top_k_dataset, save_top_k_ds_path)

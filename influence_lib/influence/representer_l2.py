@@ -52,7 +52,8 @@ import tensorflow as tf
 from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset, iterate_batches
 from ..common.progress import progress
-from ..model.influence_model import _check_unreduced, loss_in_dtype
+from ..model.influence_model import loss_in_dtype
+from ..model.losses import check_unreduced as _check_unreduced
 from ..model.measurement import loss_from_logits
 from ..utils.line_search import BacktrackingLineSearch
 from ._dense_head import DenseHead, label_classes, split_dense_head

@@ -15,7 +15,7 @@ sample ``φ(t) = concat_c g_c(t)``, so ``⟨φ(t), ψ(z)⟩`` is exact for any s
 self-influence uses :meth:`InfluenceModel.batch_gradient_norm_sq_tensor` per checkpoint (no
 per-sample gradient matrix where the model has a closed form).
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -47,6 +47,71 @@ def _learning_rates_for(learning_rates: float | Sequence[float], nb_models: int)
     return rates
 
 
+def optimizer_learning_rate(model: keras.Model) -> float:
+    """The constant learning rate of ``model``'s optimizer (what TracIn uses when none is given).
+
+    Raises
+    ------
+    ValueError
+        If the model has no optimizer or its learning rate follows a schedule (then the rate
+        differs between checkpoints: give them, or record them with :class:`TracInCheckpoint`).
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise ValueError(
+            f"No learning rate was given and the model {model.name!r} has no optimizer to read it from: pass "
+            "learning_rates=..., or compile the model with its optimizer."
+        )
+    if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule):
+        raise ValueError(
+            f"No learning rate was given and the optimizer of {model.name!r} follows a schedule, so the rate differs "
+            "between checkpoints: pass learning_rates=[...] (one per checkpoint), or record them with "
+            "TracInCheckpoint and use TracIn.from_callback."
+        )
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+ModelFactory = Callable[[], keras.Model]
+
+
+def _architecture_copy(model: "keras.Model | ModelFactory", reference: keras.Model | None) -> keras.Model:
+    """A fresh model with ``model``'s architecture: ``model()`` for a factory, else ``clone_model``.
+
+    A factory's model is built like ``reference`` (the model the weights come from) if needed.
+    """
+    if isinstance(model, keras.Model):
+        try:
+            return keras.models.clone_model(model)
+        except Exception as error:
+            raise ValueError(
+                f"TracIn needs one copy of the model per checkpoint, and keras.models.clone_model cannot copy "
+                f"{type(model).__name__} ({type(error).__name__}: {str(error).strip().splitlines()[0]}). Pass "
+                f"model=a function returning a new instance, e.g. model=lambda: {type(model).__name__}(...), or give "
+                "the class a get_config()."
+            ) from error
+    copy = model()
+    if not isinstance(copy, keras.Model):
+        raise TypeError(f"model() must return a keras.Model, got {type(copy).__name__}.")
+    if not copy.built:
+        shape = (reference.get_build_config() or {}).get("input_shape") if reference is not None else None
+        if shape is None:
+            raise ValueError(
+                "model() returned a model that is not built and the input shape is unknown: build it in the "
+                "function (call it once on a batch) before returning it."
+            )
+        copy(_zeros_like_shape(shape), training=False)
+    return copy
+
+
+def _zeros_like_shape(shape):
+    """A batch of one zero sample for a build shape (a tuple, a list of tuples or a dict of them)."""
+    if isinstance(shape, dict):
+        return {key: _zeros_like_shape(value) for key, value in shape.items()}
+    if all(dim is None or isinstance(dim, int) for dim in shape):
+        return np.zeros([1 if dim is None else dim for dim in shape], np.float32)
+    return [_zeros_like_shape(part) for part in shape]
+
+
 def _gradient_dots(query_model: InfluenceModel, model: InfluenceModel, queries: Batch, train: Batch) -> tf.Tensor:
     """``⟨∇m(t_i), ∇ℓ(z_j)⟩``: the closed-form Gram when both sides differentiate the loss."""
     if query_model is model:
@@ -63,6 +128,8 @@ class TracIn(BaseInfluenceCalculator):
         One :class:`InfluenceModel` per checkpoint (same watched layers and loss in each).
     learning_rates
         The learning rate at each checkpoint (a list as long as ``models``), or one for all.
+        ``None`` (default): each checkpoint's model's optimizer's constant learning rate
+        (:func:`optimizer_learning_rate`; a schedule is refused).
     show_progress
         Show progress bars.
     measurement
@@ -79,7 +146,7 @@ class TracIn(BaseInfluenceCalculator):
     def __init__(
         self,
         models: Sequence[InfluenceModel],
-        learning_rates: float | Sequence[float],
+        learning_rates: float | Sequence[float] | None = None,
         show_progress: bool = True,
         measurement: "str | Measurement | None" = None,
     ):
@@ -89,6 +156,8 @@ class TracIn(BaseInfluenceCalculator):
             if not isinstance(model, InfluenceModel):
                 raise TypeError(f"models must contain InfluenceModel objects, got {type(model).__name__}.")
         self.models = list(models)
+        if learning_rates is None:
+            learning_rates = [optimizer_learning_rate(model.model) for model in self.models]
         self.learning_rates = _learning_rates_for(learning_rates, len(self.models))
         self.show_progress = show_progress
         self.query_models = [model.with_measurement(measurement) for model in self.models]
@@ -96,26 +165,29 @@ class TracIn(BaseInfluenceCalculator):
     @classmethod
     def from_checkpoints(
         cls,
-        model: keras.Model,
+        model: "keras.Model | ModelFactory",
         paths: Sequence[str],
-        learning_rates: float | Sequence[float],
+        learning_rates: float | Sequence[float] | None = None,
         show_progress: bool = True,
         measurement: "str | Measurement | None" = None,
         **influence_model_kwargs,
     ) -> "TracIn":
         """TracIn over Keras weight files (``.weights.h5``) saved from ``model``'s architecture.
 
-        Each checkpoint is loaded into its own clone of ``model`` (``keras.models.clone_model``);
-        ``model`` itself is left untouched.
+        Each checkpoint is loaded into its own copy of ``model`` (``keras.models.clone_model``,
+        or ``model()`` for a factory); ``model`` itself is left untouched.
 
         Parameters
         ----------
         model
-            A model with the architecture the weights were saved from.
+            A model with the architecture the weights were saved from, or a function returning a
+            new instance of it (needed for subclassed models that ``clone_model`` cannot copy,
+            e.g. ``model=lambda: MyModel(64)``).
         paths
             The weight files, in training order.
         learning_rates
-            The learning rate at each checkpoint, or one for all.
+            The learning rate at each checkpoint, or one for all; ``None``: ``model``'s
+            optimizer's constant learning rate.
         show_progress
             Show progress bars.
         measurement
@@ -123,23 +195,36 @@ class TracIn(BaseInfluenceCalculator):
         **influence_model_kwargs
             Passed to every :class:`InfluenceModel` (``start_layer``, ``loss_function``, ...).
         """
-        if not isinstance(model, keras.Model):
-            raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+        return cls._from_weight_files(
+            model, None, paths, learning_rates, show_progress, measurement, influence_model_kwargs
+        )
+
+    @classmethod
+    def _from_weight_files(
+        cls, model, reference, paths, learning_rates, show_progress, measurement, influence_model_kwargs
+    ) -> "TracIn":
+        if not isinstance(model, keras.Model) and not callable(model):
+            raise TypeError(
+                f"model must be a keras.Model or a function returning one, got {type(model).__name__}."
+            )
         if isinstance(paths, str) or not isinstance(paths, Sequence) or not paths:
             raise ValueError("paths must be a non-empty list of weight files (.weights.h5), one per checkpoint.")
+        if learning_rates is None:
+            learning_rates = optimizer_learning_rate(model if isinstance(model, keras.Model) else reference)
         rates = _learning_rates_for(learning_rates, len(paths))
+        reference = model if reference is None and isinstance(model, keras.Model) else reference
         models = []
         for path in progress(paths, show_progress, "Loading checkpoints"):
-            clone = keras.models.clone_model(model)
-            clone.load_weights(path)
-            models.append(InfluenceModel(clone, **influence_model_kwargs))
+            copy = _architecture_copy(model, reference)
+            copy.load_weights(path)
+            models.append(InfluenceModel(copy, **influence_model_kwargs))
         return cls(models, rates, show_progress=show_progress, measurement=measurement)
 
     @classmethod
     def from_callback(
         cls,
         callback: TracInCheckpoint,
-        model: keras.Model | None = None,
+        model: "keras.Model | ModelFactory | None" = None,
         show_progress: bool = True,
         measurement: "str | Measurement | None" = None,
         **influence_model_kwargs,
@@ -151,8 +236,11 @@ class TracIn(BaseInfluenceCalculator):
         callback
             The callback passed to ``model.fit``.
         model
-            The architecture to load the checkpoints into; default: the model the callback was
-            attached to (cloned, never modified).
+            The architecture to load the checkpoints into: a model (cloned, never modified) or a
+            function returning a new instance (for subclassed models ``clone_model`` cannot copy;
+            it is built like the trained model, e.g. ``model=lambda: MyModel(64)``). Default: the
+            model the callback was attached to; when ``clone_model`` cannot copy it, a
+            ``ValueError`` asks for such a function.
         show_progress
             Show progress bars.
         measurement
@@ -167,11 +255,11 @@ class TracIn(BaseInfluenceCalculator):
                 "The callback recorded no checkpoint: pass it to model.fit(..., callbacks=[callback]) and train "
                 "for at least every_n_epochs epochs (or every_n_steps steps)."
             )
-        model = callback.model if model is None else model
         paths = [path for path, _ in callback.checkpoints]
         rates = [rate for _, rate in callback.checkpoints]
-        return cls.from_checkpoints(
-            model, paths, rates, show_progress=show_progress, measurement=measurement, **influence_model_kwargs
+        return cls._from_weight_files(
+            callback.model if model is None else model, callback.model, paths, rates, show_progress, measurement,
+            influence_model_kwargs,
         )
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:

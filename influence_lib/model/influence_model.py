@@ -5,8 +5,9 @@ norms, the gradient of the summed loss, Hessian-vector products and the Hessian 
 loss.
 
 Per-sample gradients of the layer types in :mod:`influence_lib.model.layer_rules` (Dense,
-Conv1D/Conv2D, Embedding, EinsumDense) come in closed form from ONE forward and ONE backward
-pass of the batch: each watched layer's input ``a`` and output gradient ``δ`` are recorded
+Conv1D/Conv2D, DepthwiseConv2D, SeparableConv2D, Embedding, EinsumDense, BatchNormalization,
+LayerNormalization; composite layers such as MultiHeadAttention through their parts) come in
+closed form from ONE forward and ONE backward pass of the batch: each watched layer's input ``a`` and output gradient ``δ`` are recorded
 (:mod:`influence_lib.model.layer_recorder`) and combined per sample (``a_i ⊗ δ_i`` for Dense).
 Anything else — another layer type, a subclassed model that uses weights outside its layers'
 ``call`` — automatically uses the vectorized jacobian (``GradientTape.jacobian`` with pfor).
@@ -22,8 +23,9 @@ from ..common.compiled import compiled_method
 from ..common.datasets import Batch, check_dataset, iterate_batches
 from .layer_recorder import LayerRecorder, Recording
 from .layer_rules import LayerCall, rule_for
-from .layer_selection import select_layers
-from .measurement import Measurement, MeasurementAsLoss, resolve_measurement
+from .layer_selection import closed_form_units, select_layers
+from .losses import LossPath, check_batch_fits, plan_loss_path, resolve_loss
+from .measurement import Measurement, MeasurementAsLoss, margin, resolve_measurement
 
 ProcessBatch = Callable[[Batch], tuple[object, tf.Tensor, tf.Tensor | None]]
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
@@ -41,15 +43,6 @@ def default_process_batch(batch: Batch) -> tuple[object, tf.Tensor, tf.Tensor | 
         f"A batch must be (inputs, targets) or (inputs, targets, sample_weight); got a tuple of {len(batch)}. "
         "For other layouts pass process_batch_for_loss_fn=... returning (inputs, targets, sample_weight)."
     )
-
-
-def _check_unreduced(loss_function: Callable) -> None:
-    reduction = getattr(loss_function, "reduction", None)
-    if reduction is not None and str(reduction).lower().split(".")[-1] != "none":
-        raise ValueError(
-            f"The loss function must return one value per sample, but it has reduction={reduction!r}. "
-            "Create it with reduction=None, e.g. keras.losses.CategoricalCrossentropy(reduction=None)."
-        )
 
 
 def _as_tf_variable(weight) -> tf.Variable:
@@ -120,14 +113,20 @@ class InfluenceModel:
         A built Keras model (Sequential, Functional or subclassed).
     start_layer
         Name or index of the first layer whose trainable weights are watched. ``None`` (default)
-        watches the last layer that has trainable weights.
+        watches the last layer that has trainable weights. A list of names, indices or layers
+        watches exactly those layers (``last_layer`` must then be ``None``); ``start_layer=0,
+        last_layer=-1`` watches every layer.
     last_layer
         Name or index of the last watched layer (inclusive). ``None`` watches ``start_layer`` alone.
     loss_function
-        Loss returning one value per sample: a Keras loss created with ``reduction=None`` or any
-        callable ``loss(y_true, y_pred) -> (batch,)``. Per-element losses of higher rank (e.g.
-        per time step) are averaged over their non-batch axes. Default: categorical
-        cross-entropy on probabilities, as in Influenciae.
+        Loss returning one value per sample: a Keras loss identifier (``'mse'``,
+        ``'sparse_categorical_crossentropy'``, a ``keras.losses`` function), a Keras loss created
+        with ``reduction=None`` or any callable ``loss(y_true, y_pred) -> (batch,)``. Per-element
+        losses of higher rank (e.g. per time step) are averaged over their non-batch axes.
+        Default: the loss the model was compiled with (made unreduced); for a model never
+        compiled, a cross-entropy matching its output layer (see :mod:`influence_lib.model.losses`).
+        A cross-entropy on probabilities whose model ends in a ``softmax``/``sigmoid`` layer is
+        computed from that layer's logits (same loss, exact gradients for confident samples).
     process_batch_for_loss_fn
         Maps a dataset batch to ``(inputs, targets, sample_weight or None)``. The default accepts
         ``(x, y)`` and ``(x, y, sample_weight)``.
@@ -156,10 +155,13 @@ class InfluenceModel:
         (float16, bfloat16 and mixed precision compute in float32).
     closed_form_layers
         The watched layers owning watched weights, in order (the blocks of
-        :meth:`batch_jacobian_blocks`).
+        :meth:`batch_jacobian_blocks`); composite layers such as ``MultiHeadAttention`` are
+        replaced by their parts (its ``EinsumDense`` projections).
     fallback_reason
-        ``None`` while the closed form is used; otherwise why the last traced computation used
-        the jacobian instead.
+        Set at construction: ``None`` when the closed form will be used, otherwise why the
+        jacobian will be used (a layer without rule, ``per_sample_gradients='jacobian'``). A
+        forward pass that turns out not to be recordable (e.g. a watched weight used outside its
+        layer) sets it when first traced. :attr:`per_sample_gradient_path` says it in words.
 
     Notes
     -----
@@ -187,11 +189,9 @@ class InfluenceModel:
             )
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a Keras 3 keras.Model, got {type(model).__name__}.")
-        if loss_function is None:
-            loss_function = keras.losses.CategoricalCrossentropy(from_logits=False, reduction=None)
-        _check_unreduced(loss_function)
         self.model = model
-        self.loss_function = loss_function
+        self.loss_function = resolve_loss(loss_function, model)
+        self._loss_path: LossPath = plan_loss_path(self.loss_function, model)
         self.process_batch_for_loss_fn = process_batch_for_loss_fn
         self.start_layer, self.last_layer = start_layer, last_layer
         if weights_to_watch is not None:
@@ -212,10 +212,24 @@ class InfluenceModel:
         self.weight_shapes: list[tuple[int, ...]] = [tuple(weight.shape) for weight in watched]
         self.nb_params: int = int(sum(np.prod(shape, dtype=np.int64) for shape in self.weight_shapes))
         watched_refs = {variable.ref() for variable in self.tf_variables}
-        self.closed_form_layers = [layer for layer in self.watched_layers if _owned_weights(layer, watched_refs)]
+        self.closed_form_layers = [
+            unit
+            for layer in self.watched_layers
+            if _owned_weights(layer, watched_refs)
+            for unit in closed_form_units(layer, lambda candidate: rule_for(candidate) is not None)
+            if _owned_weights(unit, watched_refs)
+        ]
         self._closed_form_weights = [_owned_weights(layer, watched_refs) for layer in self.closed_form_layers]
-        self.fallback_reason: str | None = None
         self._recorder, self._static_fallback = self._plan_closed_form(per_sample_gradients)
+        self.fallback_reason: str | None = self._static_fallback
+
+    @property
+    def per_sample_gradient_path(self) -> str:
+        """Which per-sample gradient computation is used, and why."""
+        if self.fallback_reason is None:
+            kinds = sorted({type(layer).__name__ for layer in self.closed_form_layers})
+            return f"closed form from one forward and one backward pass (rules for {', '.join(kinds)})"
+        return f"vectorized jacobian (memory grows with batch × parameters): {self.fallback_reason}"
 
     def _plan_closed_form(self, mode: str) -> tuple[LayerRecorder | None, str | None]:
         """Match each watched layer with its rule and its watched weights with the rule's parameters."""
@@ -264,6 +278,10 @@ class InfluenceModel:
             if isinstance(attribute, compiled_method):
                 view.__dict__.pop(name, None)
         view.loss_function = MeasurementAsLoss(function)
+        view._loss_path = LossPath(view.loss_function)
+        if measurement == "margin" and self._loss_path.logits_layer is not None:
+            on_logits = MeasurementAsLoss(lambda outputs, targets: margin(outputs, targets, from_logits=True))
+            view._loss_path = LossPath(on_logits, self._loss_path.logits_layer)
         return view
 
     def __call__(self, inputs) -> tf.Tensor:
@@ -303,11 +321,13 @@ class InfluenceModel:
 
     def _per_sample_loss(self, batch: Batch) -> tf.Tensor:
         inputs, targets, sample_weight = self.process_batch_for_loss_fn(batch)
-        outputs = self.model(inputs, training=False)
+        with self._loss_path.forward():
+            outputs = self.model(inputs, training=False)
         outputs = tf.nest.map_structure(
             lambda out: tf.cast(out, self.dtype) if out.dtype in _LOW_PRECISION + _COMPUTE_DTYPES else out, outputs
         )
-        losses = loss_in_dtype(self.loss_function, self.dtype)(targets, outputs)
+        check_batch_fits(self.loss_function, targets, outputs)
+        losses = loss_in_dtype(self._loss_path.loss, self.dtype)(targets, outputs)
         if losses.shape.rank == 0:
             raise ValueError(
                 "The loss function returned a single value for the whole batch: it is reduced, or the "

@@ -76,7 +76,8 @@ class LayerRecorder:
         layer, rule, params = self.layers[index], self.rules[index], self.parameters[index]
 
         def recording_call(inputs, *args, **kwargs):
-            if args or set(kwargs) - _FORWARDED_KEYWORDS or not isinstance(inputs, tf.Tensor) or isinstance(
+            given = {key for key, value in kwargs.items() if value is not None}
+            if args or given - _FORWARDED_KEYWORDS or not isinstance(inputs, tf.Tensor) or isinstance(
                 inputs, (tf.SparseTensor, tf.RaggedTensor)
             ):
                 record.failure = f"layer {layer.name!r} was called with arguments the closed form does not cover"

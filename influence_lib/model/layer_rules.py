@@ -10,6 +10,9 @@ inference mode (``δ_i = ∂ℓ_i/∂z_i``):
 * Conv1D / Conv2D: the same outer product with the input patch seen by each output position
   (convolution as a matrix product, Chellapilla et al. 2006).
 * Embedding ``z_t = E[id_t]``: ``∂ℓ_i/∂E = Σ_t e_{id_{i,t}} ⊗ δ_{i,t}`` (a scatter-add of rows).
+* BatchNormalization (inference) and LayerNormalization ``z = γ x̂ + β``: ``∂ℓ_i/∂γ = Σ δ_i ⊙ x̂_i``,
+  ``∂ℓ_i/∂β = Σ δ_i``; DepthwiseConv2D and SeparableConv2D: the convolution rule per input
+  channel (see their classes).
 * EinsumDense ``z = einsum(eq, a, W) + b``: ``∂ℓ_i/∂W = einsum(a_i, δ_i)`` with the kernel's
   letters as output, ``∂ℓ_i/∂b`` = ``δ_i`` summed over the bias's broadcast axes.
 
@@ -289,7 +292,7 @@ class ConvRule(LayerRule):
                     u * dilation[0] : u * dilation[0] + (rows - 1) * strides[0] + 1 : strides[0],
                     v * dilation[1] : v * dilation[1] + (columns - 1) * strides[1] + 1 : strides[1],
                 ]
-                flat_shifted = tf.reshape(shifted, [batch, -1, inputs.shape[-1]])
+                flat_shifted = tf.reshape(shifted, [batch, -1, layer.kernel.shape[-2]])
                 per_offset.append(tf.matmul(flat_shifted, flat_delta, transpose_a=True))
         kernel_grad = tf.reshape(tf.stack(per_offset, axis=1), [batch, *layer.kernel.shape])
         return [kernel_grad, tf.reduce_sum(flat_delta, axis=1)]
@@ -334,12 +337,218 @@ class EmbeddingRule(LayerRule):
         return tf.reduce_sum(same_token * tf.einsum("ato,bso->abts", delta_a, delta_b), axis=[2, 3])
 
 
+def _normalization_dtype(inputs: tf.Tensor) -> tf.DType:
+    """Keras normalizes in at least float32 (float64 for float64 inputs)."""
+    return tf.float64 if inputs.dtype == tf.float64 else tf.float32
+
+
+def _normalization_axes(layer: keras.layers.Layer, rank: int) -> list[int]:
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return sorted(axis % rank for axis in axes)
+
+
+def _scale_and_offset_gradients(layer, normalized: tf.Tensor, delta: tf.Tensor, axes: list[int]) -> list:
+    """``∂ℓ_i/∂γ = Σ δ_i ⊙ x̂_i`` and ``∂ℓ_i/∂β = Σ δ_i`` over the axes the parameters broadcast along."""
+    summed = [axis for axis in range(1, delta.shape.rank) if axis not in axes]
+    batch = tf.shape(delta)[0]
+    shape = [batch, *[delta.shape[axis] for axis in axes]]
+
+    def reduce(tensor):
+        return tf.reshape(tf.reduce_sum(tensor, axis=summed) if summed else tensor, shape)
+
+    gamma = reduce(delta * normalized) if layer.gamma is not None else None
+    beta = reduce(delta) if layer.beta is not None else None
+    return [gamma, beta]
+
+
+class BatchNormalizationRule(LayerRule):
+    """``keras.layers.BatchNormalization`` in inference mode: ``z = γ x̂ + β``, ``x̂ = (x − μ)/√(σ² + ε)``.
+
+    ``μ, σ²`` are the moving statistics (not watched), so ``x̂`` depends on the sample only and
+    ``∂ℓ_i/∂γ = Σ_positions δ_i ⊙ x̂_i``, ``∂ℓ_i/∂β = Σ_positions δ_i`` (Ioffe & Szegedy, 2015).
+    """
+
+    @staticmethod
+    def parameters(layer):
+        return [layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance]
+
+    @staticmethod
+    def supports(layer):
+        return type(layer) is keras.layers.BatchNormalization and isinstance(layer.axis, int)
+
+    @staticmethod
+    def _broadcast(value, rank: int, axis: int):
+        shape = [1] * rank
+        shape[axis] = -1
+        return tf.reshape(value, shape)
+
+    def _normalized(self, layer, inputs: tf.Tensor, mean, variance) -> tf.Tensor:
+        rank = inputs.shape.rank
+        axis = layer.axis % rank
+        mean, variance = self._broadcast(mean, rank, axis), self._broadcast(variance, rank, axis)
+        return (inputs - mean) * tf.math.rsqrt(variance + layer.epsilon)
+
+    def preactivation(self, layer, inputs, values):
+        dtype = _normalization_dtype(inputs)
+        gamma, beta, mean, variance = [None if v is None else tf.cast(v, dtype) for v in values]
+        outputs = self._normalized(layer, tf.cast(inputs, dtype), mean, variance)
+        rank, axis = inputs.shape.rank, layer.axis % inputs.shape.rank
+        if gamma is not None:
+            outputs = outputs * self._broadcast(gamma, rank, axis)
+        if beta is not None:
+            outputs = outputs + self._broadcast(beta, rank, axis)
+        return tf.cast(outputs, layer.compute_dtype)
+
+    def per_sample_gradients(self, layer, call):
+        mean, variance = _like(layer.moving_mean, call.delta), _like(layer.moving_variance, call.delta)
+        normalized = self._normalized(layer, _like(call.inputs, call.delta), mean, variance)
+        axes = [layer.axis % call.delta.shape.rank]
+        return [*_scale_and_offset_gradients(layer, normalized, call.delta, axes), None, None]
+
+
+class LayerNormalizationRule(LayerRule):
+    """``keras.layers.LayerNormalization``: ``z = γ x̂ + β`` with ``x̂`` normalized per sample over ``axis``.
+
+    ``x̂`` does not depend on ``γ, β``: ``∂ℓ_i/∂γ = Σ δ_i ⊙ x̂_i``, ``∂ℓ_i/∂β = Σ δ_i`` summed over the
+    axes outside ``axis`` (Ba, Kiros & Hinton, 2016).
+    """
+
+    @staticmethod
+    def parameters(layer):
+        return [layer.gamma, layer.beta]
+
+    @staticmethod
+    def supports(layer):
+        return type(layer) is keras.layers.LayerNormalization and not layer.rms_scaling
+
+    @staticmethod
+    def _normalized(layer, inputs: tf.Tensor) -> tuple[tf.Tensor, list[int]]:
+        axes = _normalization_axes(layer, inputs.shape.rank)
+        mean, variance = tf.nn.moments(inputs, axes=axes, keepdims=True)
+        return (inputs - mean) * tf.math.rsqrt(variance + layer.epsilon), axes
+
+    @staticmethod
+    def _broadcast(value, inputs: tf.Tensor, axes: list[int]):
+        shape = [1] * inputs.shape.rank
+        for axis in axes:
+            shape[axis] = inputs.shape[axis]
+        return tf.reshape(value, shape)
+
+    def preactivation(self, layer, inputs, values):
+        dtype = _normalization_dtype(inputs)
+        gamma, beta = [None if v is None else tf.cast(v, dtype) for v in values]
+        inputs = tf.cast(inputs, dtype)
+        outputs, axes = self._normalized(layer, inputs)
+        if gamma is not None:
+            outputs = outputs * self._broadcast(gamma, inputs, axes)
+        if beta is not None:
+            outputs = outputs + self._broadcast(beta, inputs, axes)
+        return tf.cast(outputs, layer.compute_dtype)
+
+    def per_sample_gradients(self, layer, call):
+        normalized, axes = self._normalized(layer, _like(call.inputs, call.delta))
+        return _scale_and_offset_gradients(layer, normalized, call.delta, axes)
+
+
+def _depthwise_kernel_gradients(layer, inputs: tf.Tensor, delta: tf.Tensor, kernel_shape) -> tf.Tensor:
+    """Per-sample gradient of a depthwise kernel ``(kh, kw, C, M)`` from its input and output gradient.
+
+    ``∂ℓ_i/∂K[u, v, c, m] = Σ_positions x_i[shifted by (u, v), c] · δ_i[c·M + m]``: for each kernel
+    offset, the strided input slice it meets times ``δ`` grouped per input channel.
+    """
+    if layer.padding == "same":
+        inputs = ConvRule._same_padding(inputs, list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate))
+    strides, dilation = layer.strides, layer.dilation_rate
+    channels, multiplier = kernel_shape[-2], kernel_shape[-1]
+    rows, columns = tf.shape(delta)[1], tf.shape(delta)[2]
+    grouped = tf.reshape(delta, [tf.shape(delta)[0], rows, columns, channels, multiplier])
+    per_offset = []
+    for u in range(kernel_shape[0]):
+        for v in range(kernel_shape[1]):
+            shifted = inputs[
+                :,
+                u * dilation[0] : u * dilation[0] + (rows - 1) * strides[0] + 1 : strides[0],
+                v * dilation[1] : v * dilation[1] + (columns - 1) * strides[1] + 1 : strides[1],
+            ]
+            per_offset.append(tf.einsum("bhwc,bhwcm->bcm", shifted, grouped))
+    return tf.reshape(tf.stack(per_offset, axis=1), [-1, *kernel_shape])
+
+
+def _depthwise(layer, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    return tf.nn.depthwise_conv2d(
+        inputs,
+        kernel,
+        strides=[1, *layer.strides, 1],
+        padding=layer.padding.upper(),
+        dilations=list(layer.dilation_rate),
+    )
+
+
+class DepthwiseConvRule(LayerRule):
+    """``keras.layers.DepthwiseConv2D`` (channels_last): each input channel has its own ``M`` filters."""
+
+    @staticmethod
+    def parameters(layer):
+        return [layer.kernel, layer.bias]
+
+    @staticmethod
+    def supports(layer):
+        return type(layer) is keras.layers.DepthwiseConv2D and layer.data_format == "channels_last" and _is_plain(layer)
+
+    def preactivation(self, layer, inputs, values):
+        kernel, bias = values
+        outputs = _depthwise(layer, inputs, kernel)
+        return outputs if bias is None else outputs + bias
+
+    def per_sample_gradients(self, layer, call):
+        inputs = _like(call.inputs, call.delta)
+        kernel_grad = _depthwise_kernel_gradients(layer, inputs, call.delta, tuple(layer.kernel.shape))
+        return [kernel_grad, tf.reduce_sum(call.delta, axis=[1, 2])]
+
+
+class SeparableConvRule(LayerRule):
+    """``keras.layers.SeparableConv2D`` (channels_last): a depthwise convolution ``h = x ⊛ D`` then a
+    pointwise one ``z = h P + b``.
+
+    ``∂ℓ_i/∂P = Σ_positions h_i ⊗ δ_i``, ``∂ℓ_i/∂b = Σ_positions δ_i``, and the depthwise kernel
+    gets the depthwise rule with the gradient ``δ_i Pᵀ`` at ``h`` (the pointwise step is linear).
+    """
+
+    @staticmethod
+    def parameters(layer):
+        return [layer.depthwise_kernel, layer.pointwise_kernel, layer.bias]
+
+    @staticmethod
+    def supports(layer):
+        return type(layer) is keras.layers.SeparableConv2D and layer.data_format == "channels_last" and _is_plain(layer)
+
+    def preactivation(self, layer, inputs, values):
+        depthwise, pointwise, bias = values
+        outputs = tf.nn.convolution(_depthwise(layer, inputs, depthwise), pointwise, padding="VALID")
+        return outputs if bias is None else outputs + bias
+
+    def per_sample_gradients(self, layer, call):
+        depthwise, pointwise = _like(layer.depthwise_kernel, call.delta), _like(layer.pointwise_kernel, call.delta)
+        inputs, delta = _like(call.inputs, call.delta), call.delta
+        hidden = _depthwise(layer, inputs, depthwise)
+        pointwise_grad = tf.einsum("bhwc,bhwo->bco", hidden, delta)[:, None, None]
+        hidden_delta = tf.einsum("bhwo,co->bhwc", delta, pointwise[0, 0])
+        depthwise_grad = _depthwise_kernel_gradients(layer, inputs, hidden_delta, tuple(layer.depthwise_kernel.shape))
+        return [depthwise_grad, pointwise_grad, tf.reduce_sum(delta, axis=[1, 2])]
+
+
 RULES: tuple[LayerRule, ...] = (DenseRule(), ConvRule(), EmbeddingRule(), EinsumDenseRule())
+NORMALIZATION_AND_DEPTHWISE_RULES: tuple[LayerRule, ...] = (
+    BatchNormalizationRule(),
+    LayerNormalizationRule(),
+    DepthwiseConvRule(),
+    SeparableConvRule(),
+)
 
 
 def rule_for(layer: keras.layers.Layer) -> LayerRule | None:
     """The closed-form rule for ``layer``, or ``None`` if the layer type is not covered."""
-    for rule in RULES:
+    for rule in RULES + NORMALIZATION_AND_DEPTHWISE_RULES:
         if rule.supports(layer):
             return rule
     return None

@@ -9,8 +9,15 @@ use_agg_without_display()
 import matplotlib.pyplot as plt
 
 
+_LINE_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+
+
 def plot_detection_curves(results: Mapping, mislabeling_ratio: float | None = None, title: str | None = None):
     """One curve per method (mean over seeds), with the random and the perfect detector for reference.
+
+    Methods whose curves coincide stay distinguishable: each has its own colour, line style and
+    marker, and the markers of different methods sit at different points of the curve.
 
     Parameters
     ----------
@@ -36,7 +43,12 @@ def plot_detection_curves(results: Mapping, mislabeling_ratio: float | None = No
         label = name
         if hasattr(result, "roc_auc_mean"):
             label = f"{name} (AUC {result.roc_auc_mean:.3f})"
-        axes.plot(inspected, found, label=label, color=palette[index % len(palette)])
+        step = max(1, (found.size - 1) // 8)
+        axes.plot(
+            inspected, found, label=label, color=palette[index % len(palette)],
+            linestyle=_LINE_STYLES[index % len(_LINE_STYLES)], marker=_MARKERS[index % len(_MARKERS)],
+            markersize=4, markevery=(min(found.size - 1, index * max(1, step // max(1, len(results)))), step),
+        )
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random order (expected)")
     if mislabeling_ratio is not None:
         axes.plot([0, mislabeling_ratio, 1], [0, 1, 1], color="black", linestyle="--", label="perfect detector")

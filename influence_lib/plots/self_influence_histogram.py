@@ -7,7 +7,14 @@ use_agg_without_display()
 import matplotlib.pyplot as plt
 
 
-def plot_self_influence_histogram(scores, is_flipped, bins: int = 50, log_scale: bool = True, title: str | None = None):
+def plot_self_influence_histogram(
+    scores,
+    is_flipped,
+    bins: int = 50,
+    log_scale: bool = True,
+    title: str | None = None,
+    score_name: str = "self-influence",
+):
     """Overlaid histograms of the scores of the clean and of the flipped samples.
 
     Parameters
@@ -22,6 +29,9 @@ def plot_self_influence_histogram(scores, is_flipped, bins: int = 50, log_scale:
         Bin ``log10(score)`` (for positive scores spanning orders of magnitude, like self-influence).
     title
         Figure title.
+    score_name
+        What the scores are, for the axis label and default title (e.g. ``"TracIn self-influence"``,
+        ``"margin score"``).
 
     Returns
     -------
@@ -39,9 +49,9 @@ def plot_self_influence_histogram(scores, is_flipped, bins: int = 50, log_scale:
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
     axes.hist(scores[~is_flipped], bins=edges, alpha=0.6, label=f"clean ({int((~is_flipped).sum())})")
     axes.hist(scores[is_flipped], bins=edges, alpha=0.6, label=f"flipped ({int(is_flipped.sum())})")
-    axes.set_xlabel("log10(self-influence)" if log_scale else "self-influence")
+    axes.set_xlabel(f"log10({score_name})" if log_scale else score_name)
     axes.set_ylabel("number of training samples")
     axes.legend()
-    axes.set_title(title or "Self-influence of clean and flipped samples")
+    axes.set_title(title or f"{score_name[:1].upper()}{score_name[1:]} of clean and flipped samples")
     figure.tight_layout()
     return figure

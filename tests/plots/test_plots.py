@@ -48,3 +48,15 @@ def test_influential_images_show_labels_and_values():
         plot_influential_images(images[0], 0, images, [1, 2, 3], [1, 2, 3], opponents=images)
     with pytest.raises(ValueError, match="square image"):
         plot_influential_images(np.zeros(10), 0, images, [1, 2, 3], [1, 2, 3])
+
+
+def test_coinciding_detection_curves_stay_distinguishable_and_histogram_axis_names_the_score():
+    curve = np.linspace(0.0, 1.0, 41)
+    figure = plot_detection_curves({"a": curve, "b": curve.copy(), "c": curve.copy()})
+    lines = figure.axes[0].get_lines()[:3]
+    assert len({line.get_linestyle() for line in lines}) == 3
+    assert len({line.get_marker() for line in lines}) == 3
+    assert len({tuple(np.atleast_1d(line.get_markevery())) for line in lines}) == 3
+    histogram = plot_self_influence_histogram(np.array([1.0, 2.0]), np.array([True, False]), score_name="margin score")
+    assert histogram.axes[0].get_xlabel() == "log10(margin score)"
+    assert histogram.axes[0].get_title() == "Margin score of clean and flipped samples"
