@@ -4,7 +4,17 @@ The pipeline is visible in the sub-packages: ``model`` (which weights are watche
 gradients), ``curvature`` (Hessian operator and inverse-Hessian-vector products), ``influence``
 (the calculators that turn gradients and curvature into scores).
 """
-from .common import CACHE, ORDER, InsufficientMemoryError, NonFiniteError, SingularHessianError, StreamingTopK, TopK
+from .common import (
+    CACHE,
+    ORDER,
+    DataParallel,
+    InsufficientMemoryError,
+    NonFiniteError,
+    SingularHessianError,
+    StreamingTopK,
+    TopK,
+    using_strategy,
+)
 from .curvature import (
     ArnoldiIHVP,
     ArnoldiIHVPFactory,
@@ -53,6 +63,7 @@ __all__ = [
     "BaseInfluenceCalculator",
     "BaseInfluenceModel",
     "CGDIHVPFactory",
+    "DataParallel",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "ExactIHVPFactory",
@@ -63,11 +74,11 @@ __all__ = [
     "IHVPCalculator",
     "InfluenceBatches",
     "InfluenceModel",
+    "InsufficientMemoryError",
     "InverseHessianVectorProduct",
     "InverseHessianVectorProductFactory",
     "LissaIHVP",
     "LissaIHVPFactory",
-    "InsufficientMemoryError",
     "NonFiniteError",
     "RepresenterPointL2",
     "RepresenterPointLJE",
@@ -85,4 +96,5 @@ __all__ = [
     "to_numpy",
     "NumpyResult",
     "gauss_newton_hessian",
+    "using_strategy",
 ]

@@ -1,9 +1,18 @@
 """Plumbing shared by every method: enums, dataset checks, errors, progress, top-k, caching."""
+from .distribute import DataParallel, using_strategy
 from .enums import CACHE, ORDER
 from .errors import NonFiniteError, SingularHessianError
 from .memory import InsufficientMemoryError
 from .top_k import StreamingTopK, TopK
 
 __all__ = [
-    "CACHE", "ORDER", "InsufficientMemoryError", "NonFiniteError", "SingularHessianError", "StreamingTopK", "TopK",
+    "CACHE",
+    "ORDER",
+    "DataParallel",
+    "InsufficientMemoryError",
+    "NonFiniteError",
+    "SingularHessianError",
+    "StreamingTopK",
+    "TopK",
+    "using_strategy",
 ]

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.compiled import compiled_function
+from ..common.distribute import local_variable
 from ..common.errors import NonFiniteError, SingularHessianError
 from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
@@ -91,7 +92,7 @@ def arnoldi_iteration(
     norm = tf.norm(start_vector)
     if not float(norm) > 0.0:
         raise ValueError("The Arnoldi start vector must be non-zero and finite.")
-    basis = tf.Variable(tf.zeros((subspace_dim, dim), dtype=dtype), trainable=False)
+    basis = local_variable(tf.zeros((subspace_dim, dim), dtype=dtype))
     basis[0].assign(start_vector / norm)
     projected = np.zeros((subspace_dim, subspace_dim), dtype=np.float64)
     breakdown_tolerance = 100.0 * np.finfo(dtype.as_numpy_dtype).eps

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import batch_size_of, iterate_batches
+from ..common.distribute import SAME_DATA, SAME_WEIGHTS, data_parallel
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..model.influence_model import InfluenceModel
@@ -60,6 +61,11 @@ class HessianOperator:
         ``'hessian'`` (default): the Hessian of the loss; ``'ggn'``: the generalized Gauss-Newton
         matrix ``Jᵀ H_out J`` (:mod:`~influence_lib.curvature.gauss_newton`); ``'auto'``: see
         :func:`resolve_curvature`.
+
+    Notes
+    -----
+    Each batch is split across the replicas of the ``tf.distribute`` strategy in use when the
+    operator is built, and the replicas' sums are all-reduced (:mod:`influence_lib.common.distribute`).
     """
 
     def __init__(
@@ -78,6 +84,15 @@ class HessianOperator:
         self.batch_product = (
             GaussNewtonProduct(model).batch_product if self.curvature == "ggn" else model.batch_hvp_tensor
         )
+        self.parallel = data_parallel()
+        if self.parallel.multi_worker:
+            first = next(iter(dataset))
+            self.parallel.check_identical(model.weights, "The watched weights", SAME_WEIGHTS)
+            self.parallel.check_identical(first, "The first batches of the Hessian dataset", SAME_DATA)
+
+    def summed_product(self, batch, vectors: tf.Tensor) -> tf.Tensor:
+        """The curvature of the batch's summed loss times each row of ``vectors``, summed over replicas."""
+        return self.parallel.sum_rows(self.batch_product, batch, vectors)
 
     @property
     def dim(self) -> int:
@@ -95,7 +110,7 @@ class HessianOperator:
             known_cardinality(self.dataset),
         )
         for batch in batches:
-            product = self.batch_product(batch, vectors)
+            product = self.summed_product(batch, vectors)
             total = product if total is None else total + product
             count += batch_size_of(batch)
         return total / tf.cast(count, total.dtype)
@@ -124,11 +139,11 @@ class HessianOperator:
         )
         for batch in batches:
             if not blocks:
-                total += self.model.batch_hessian_tensor(batch).numpy()
+                total += self.parallel.sum_rows(self.model.batch_hessian_tensor, batch).numpy()
             row = 0
             for block in blocks:
                 rows = int(block.shape[0])
-                total[row : row + rows] += self.batch_product(batch, block).numpy()
+                total[row : row + rows] += self.summed_product(batch, block).numpy()
                 row += rows
             count += batch_size_of(batch)
         return _finite_symmetric(total / count)

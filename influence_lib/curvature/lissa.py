@@ -132,7 +132,7 @@ class LissaIHVP(IterativeIHVP):
             return self.hessian_operator.matmat(vectors)
         total, count = None, 0
         for batch in itertools.islice(batches, self.batches_per_iteration):
-            product = self.hessian_operator.batch_product(batch, vectors)
+            product = self.hessian_operator.summed_product(batch, vectors)
             total = product if total is None else total + product
             count += batch_size_of(batch)
         return total / tf.cast(count, total.dtype)

@@ -20,6 +20,7 @@ i.e. the worst-converged Ritz values, whose inverses dominate and are mostly noi
 import tensorflow as tf
 
 from ..common.datasets import Batch
+from ..common.distribute import check_strategy, using_strategy
 from ..curvature.arnoldi import ArnoldiIHVP
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
@@ -56,6 +57,9 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         The training side always uses the loss.
     curvature
         ``'auto'`` (default: Gauss-Newton for built-in Keras losses), ``'ggn'`` or ``'hessian'``.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
 
     Attributes
     ----------
@@ -78,6 +82,7 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         show_progress: bool = True,
         measurement: "str | Measurement | None" = None,
         curvature: str = "auto",
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
         if not isinstance(model, InfluenceModel):
             raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
@@ -85,18 +90,20 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         self.model = model
         self.show_progress = show_progress
         self.query_model = model.with_measurement(measurement)
-        self.ihvp_calculator = ArnoldiIHVP(
-            model,
-            train_dataset,
-            subspace_dim=subspace_dim,
-            force_hermitian=force_hermitian,
-            k_largest_eig_vals=k_largest_eig_vals,
-            damping=damping,
-            seed=seed,
-            dtype=dtype,
-            show_progress=show_progress,
-            curvature=curvature,
-        )
+        self.strategy = check_strategy(strategy)
+        with using_strategy(strategy):
+            self.ihvp_calculator = ArnoldiIHVP(
+                model,
+                train_dataset,
+                subspace_dim=subspace_dim,
+                force_hermitian=force_hermitian,
+                k_largest_eig_vals=k_largest_eig_vals,
+                damping=damping,
+                seed=seed,
+                dtype=dtype,
+                show_progress=show_progress,
+                curvature=curvature,
+            )
         self.eig_vals = self.ihvp_calculator.eigenvalues
         self.G = self.ihvp_calculator.eigenvectors
 

@@ -19,8 +19,10 @@ Values and influence vectors carry the calculator's :attr:`~SelfInfluenceCalcula
 float64 when its model computes in float64 (every weight of a float64 Keras model), float32
 otherwise (:data:`VALUE_DTYPE`, also for float16, bfloat16 and mixed-precision models).
 """
+import itertools
 import os
 import tempfile
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,11 +31,12 @@ from itertools import zip_longest
 import keras
 import tensorflow as tf
 
+from ..common.distribute import SAME_DATA, data_parallel
 from ..common.datasets import Batch, batch_size_of, check_dataset, inputs_of, iterate_batches, size_of
 from ..common.devices import check_device, device_scope, on_device
 from ..common.enums import CACHE, ORDER
 from ..common.errors import NonFiniteError
-from ..common.memory import collect_in_memory
+from ..common.memory import memory_budget_bytes, warn_over_budget
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
 from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
@@ -107,9 +110,12 @@ class SelfInfluenceCalculator(ABC):
     """Base of every calculator: self-influence scores and their streaming top-k.
 
     Subclasses set ``self.show_progress`` and implement ``_compute_influence_value_from_batch``.
+    Every per-batch hook runs data-parallel over the replicas of ``self.strategy`` (or of the
+    ``tf.distribute`` strategy in scope when it is None): see :mod:`influence_lib.common.distribute`.
     """
 
     show_progress: bool = True
+    strategy: "tf.distribute.Strategy | None" = None
 
     @property
     def value_dtype(self) -> tf.DType:
@@ -124,13 +130,17 @@ class SelfInfluenceCalculator(ABC):
         check_dataset(dataset, name)
 
     def _self_influence_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+        parallel = data_parallel(self.strategy)
         offset = 0
         batches = progress(
             iterate_batches(train_set, "train_set"), self.show_progress, "Self-influence", known_cardinality(train_set)
         )
         for batch in batches:
+            if offset == 0:
+                parallel.check_identical(batch, "The first training batches", SAME_DATA)
             with _located(offset):
-                values = tf.cast(_as_vector(self._compute_influence_value_from_batch(batch)), self.value_dtype)
+                values = parallel.map_rows(self._compute_influence_value_from_batch, batch)
+                values = tf.cast(_as_vector(values), self.value_dtype)
             yield batch, _check_finite(values, offset, "Self-influence values")
             offset += batch_size_of(batch)
 
@@ -205,6 +215,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         return {"calculator": type(self).__name__}
 
     def _influence_vector_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+        parallel = data_parallel(self.strategy)
         offset = 0
         batches = progress(
             iterate_batches(train_set, "train_set"),
@@ -213,8 +224,10 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             known_cardinality(train_set),
         )
         for batch in batches:
+            if offset == 0:
+                parallel.check_identical(batch, "The first training batches", SAME_DATA)
             with _located(offset):
-                vectors = tf.cast(self._compute_influence_vector(batch), self.value_dtype)
+                vectors = tf.cast(parallel.map_rows(self._compute_influence_vector, batch), self.value_dtype)
             yield batch, _check_finite(vectors, offset, "Influence vectors")
             offset += batch_size_of(batch)
 
@@ -253,12 +266,11 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         return GeneratorDataset(on_device(device, make_pairs), signature, cardinality=known_cardinality(train_set))
 
     def _save_influence_vectors(self, train_set: tf.data.Dataset, path: str) -> None:
-        save_vectors(
-            (vectors for _, vectors in self._influence_vector_batches(train_set)),
-            path,
-            self._cache_fingerprint(),
-            self.value_dtype,
-        )
+        self._write_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path)
+
+    def _write_vectors(self, vector_batches: Iterator[tf.Tensor], path: str) -> None:
+        path = data_parallel(self.strategy).worker_path(path)
+        save_vectors(vector_batches, path, self._cache_fingerprint(), self.value_dtype)
 
     def _vector_source(
         self,
@@ -274,26 +286,66 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         if load_path is None and save_path is not None:
             self._save_influence_vectors(train_set, save_path)
             load_path = save_path
+        if load_path is None and cache == CACHE.MEMORY:
+            vectors, load_path = self._vectors_in_memory(train_set)
+            if load_path is None:
+                return lambda: _pair_with_batches(train_set, vectors)
+            cache = CACHE.DISK
         if load_path is None and cache == CACHE.DISK:
             load_path = os.path.join(tempfile.mkdtemp(prefix="influence_vectors_"), "vectors")
             self._save_influence_vectors(train_set, load_path)
         if load_path is not None:
             batch_sizes = [batch_size_of(batch) for batch in iterate_batches(train_set, "train_set")]
-            stored = load_vectors(load_path, self._cache_fingerprint(), batch_sizes)
-            if cache == CACHE.MEMORY:
+            worker_path = data_parallel(self.strategy).worker_path(load_path)
+            stored = load_vectors(worker_path, self._cache_fingerprint(), batch_sizes)
+            if cache == CACHE.MEMORY and self._fits_in_memory(stored, sum(batch_sizes), worker_path):
                 stored = stored.cache()
             return lambda: _pair_with_batches(train_set, stored)
-        if cache == CACHE.MEMORY:
-            vectors = collect_in_memory(
-                (vectors for _, vectors in self._influence_vector_batches(train_set)),
-                known_cardinality(train_set),
-                "Caching every influence vector in memory (influence_vector_in_cache=CACHE.MEMORY)",
-                "Use influence_vector_in_cache=CACHE.DISK (or save_influence_vector_path=...) to keep them on disk, "
-                "CACHE.NO_CACHE to recompute them per evaluated batch, or a calculator with smaller influence "
-                "vectors ('arnoldi').",
-            )
-            return lambda: _pair_with_batches(train_set, vectors)
         return lambda: self._influence_vector_batches(train_set)
+
+    def _vectors_in_memory(self, train_set: tf.data.Dataset) -> tuple[list[tf.Tensor], str | None]:
+        """The influence vectors of ``train_set`` as a list of batches, or, when they would not fit in the
+        memory budget (:mod:`influence_lib.common.memory`), the path of a temporary disk cache holding them."""
+        budget = memory_budget_bytes()
+        batches = self._influence_vector_batches(train_set)
+        kept, stored = [], 0
+        for _, vectors in batches:
+            kept.append(vectors)
+            stored += vectors.shape.num_elements() * vectors.dtype.size
+            planned = max(stored, stored * (known_cardinality(train_set) or 0) // len(kept))
+            if budget is not None and planned > budget:
+                warn_over_budget(
+                    f"The training set's influence vectors ({int(vectors.shape[1])} floats per sample)",
+                    planned,
+                    budget,
+                    "they are written to a temporary directory on disk instead (CACHE.DISK); pass "
+                    "influence_vector_in_cache=CACHE.DISK or CACHE.NO_CACHE to choose explicitly",
+                    stacklevel=4,
+                )
+                path = os.path.join(tempfile.mkdtemp(prefix="influence_vectors_"), "vectors")
+                rest = (vectors for _, vectors in batches)
+                self._write_vectors(itertools.chain(kept, rest), path)
+                return [], path
+        return kept, None
+
+    @staticmethod
+    def _fits_in_memory(stored: tf.data.Dataset, samples: int, path: str) -> bool:
+        """Whether influence vectors read from the disk cache at ``path`` may be kept in memory; warn if not."""
+        budget = memory_budget_bytes()
+        if budget is None:
+            return True
+        first = next(iter(stored))
+        needed = samples * int(first.shape[1]) * first.dtype.size
+        if needed <= budget:
+            return True
+        warn_over_budget(
+            f"The influence vectors cached at {path!r} ({int(first.shape[1])} floats per sample)",
+            needed,
+            budget,
+            "they are read from disk on every pass instead of being kept in memory",
+            stacklevel=4,
+        )
+        return False
 
     def estimate_influence_values_in_batches(
         self,
@@ -349,8 +401,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             return GeneratorDataset(generate, signature, cardinality=known_cardinality(train_set))
 
         def evaluated_batches() -> Iterator[tuple[Batch, tf.data.Dataset]]:
+            parallel = data_parallel(self.strategy)
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
-                yield batch, self._preprocess_samples(batch)
+                yield batch, parallel.map_rows(self._preprocess_samples, batch)
 
         def computed() -> Iterator[tuple[Batch, tf.data.Dataset]]:
             for batch, evaluated in on_device(device, evaluated_batches)():
@@ -426,8 +479,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         )
 
         def generate():
+            parallel = data_parallel(self.strategy)
             for batch in iterate_batches(dataset_to_evaluate, "dataset_to_evaluate"):
-                result = nearest_neighbors.search(self._preprocess_samples(batch))
+                result = nearest_neighbors.search(parallel.map_rows(self._preprocess_samples, batch))
                 yield batch, result.values, result.samples, result.indices
 
         samples_spec = tf.nest.map_structure(

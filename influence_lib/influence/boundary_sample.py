@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset
+from ..common.distribute import check_strategy
 from ._deepfool import check_classifier_outputs, check_deepfool_arguments, deepfool
 from .base import SelfInfluenceCalculator
 
@@ -36,9 +37,19 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
         A sample is on the boundary once its two largest outputs differ by at most ``eps``.
     show_progress
         Show a progress bar over the batches.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
     """
 
-    def __init__(self, model: keras.Model, step_nbr: int = 100, eps: float = 1e-6, show_progress: bool = True):
+    def __init__(
+        self,
+        model: keras.Model,
+        step_nbr: int = 100,
+        eps: float = 1e-6,
+        show_progress: bool = True,
+        strategy: "tf.distribute.Strategy | None" = None,
+    ):
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
         check_deepfool_arguments(step_nbr, eps)
@@ -49,6 +60,7 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
         self.step_nbr = step_nbr
         self.eps = float(eps)
         self.show_progress = show_progress
+        self.strategy = check_strategy(strategy)
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         check_dataset(dataset, name)

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset
+from ..common.distribute import check_strategy
 from ._deepfool import check_classifier_outputs, check_deepfool_arguments, deepfool, dual_exponent
 from ._dense_head import split_dense_head
 from .base import SelfInfluenceCalculator
@@ -47,6 +48,9 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
         A sample is on the boundary once its two largest outputs differ by at most ``eps``.
     show_progress
         Show a progress bar over the batches.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
         norm_type: float = 2,
         eps: float = 1e-6,
         show_progress: bool = True,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
         check_deepfool_arguments(step_nbr, eps)
         self.dual_q = dual_exponent(norm_type)
@@ -66,6 +71,7 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
         self.norm_type = norm_type
         self.eps = float(eps)
         self.show_progress = show_progress
+        self.strategy = check_strategy(strategy)
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
         check_dataset(dataset, name)

@@ -18,6 +18,7 @@ Koh & Liang, "Understanding Black-box Predictions via Influence Functions", ICML
 import tensorflow as tf
 
 from ..common.datasets import Batch, batch_size_of, iterate_batches
+from ..common.distribute import check_strategy, using_strategy
 from ..curvature.base import InverseHessianVectorProduct
 from ..curvature.factory import IHVPCalculator, InverseHessianVectorProductFactory, make_ihvp
 from ..model.influence_model import InfluenceModel
@@ -86,6 +87,9 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         What is explained on the query side: ``'loss'`` (default), ``'margin'`` or a callable
         ``(model_outputs, targets) -> (batch,)`` (see :mod:`influence_lib.model.measurement`).
         The training side always uses the loss.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
     """
 
     def __init__(
@@ -99,10 +103,13 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         show_progress: bool = True,
         seed: int = 0,
         measurement: "str | Measurement | None" = None,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
-        self.train_set, self.ihvp_calculator = fit_curvature(
-            model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, seed, show_progress
-        )
+        self.strategy = check_strategy(strategy)
+        with using_strategy(strategy):
+            self.train_set, self.ihvp_calculator = fit_curvature(
+                model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, seed, show_progress
+            )
         self.model = model
         self.normalize = bool(normalize)
         self.show_progress = show_progress

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 import tensorflow as tf
 
 from ..common.datasets import batch_size_of, iterate_batches
+from ..common.distribute import data_parallel
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..model.influence_model import InfluenceModel
@@ -32,9 +33,16 @@ from .base import result_dtype
 
 
 def summed_gradient(
-    model: InfluenceModel, dataset: tf.data.Dataset, name: str, show_progress: bool = False
+    model: InfluenceModel,
+    dataset: tf.data.Dataset,
+    name: str,
+    show_progress: bool = False,
+    strategy: "tf.distribute.Strategy | None" = None,
 ) -> tuple[tf.Tensor, int]:
     """``Σ_i g_i`` over a batched dataset (one gradient of the summed loss per batch), and its size.
+
+    Each batch is split across the replicas of ``strategy`` (the one in scope when None) and the
+    replicas' sums are all-reduced.
 
     Returns
     -------
@@ -49,8 +57,9 @@ def summed_gradient(
     batches = progress(
         iterate_batches(dataset, name), show_progress, f"Gradients of {name}", known_cardinality(dataset)
     )
+    parallel = data_parallel(strategy)
     for batch in batches:
-        total += model.batch_gradient_tensor(batch)
+        total += parallel.sum_rows(model.batch_gradient_tensor, batch)
         count += batch_size_of(batch)
     if not bool(tf.reduce_all(tf.math.is_finite(total))):
         raise NonFiniteError(
@@ -67,6 +76,7 @@ class GroupInfluence(ABC):
 
     model: InfluenceModel
     show_progress: bool
+    strategy: "tf.distribute.Strategy | None" = None
 
     @abstractmethod
     def compute_influence_vector_group(self, group: tf.data.Dataset) -> tf.Tensor:
@@ -93,7 +103,7 @@ class GroupInfluence(ABC):
         """
         influence_vector = self.compute_influence_vector_group(group_train)
         evaluated = group_train if group_to_evaluate is None else group_to_evaluate
-        gradient, _ = summed_gradient(self.model, evaluated, "group_to_evaluate", self.show_progress)
+        gradient, _ = summed_gradient(self.model, evaluated, "group_to_evaluate", self.show_progress, self.strategy)
         value = tf.matmul(gradient[None], tf.cast(influence_vector, gradient.dtype), transpose_b=True)
         return tf.cast(value, result_dtype(self.model))
 
@@ -108,5 +118,5 @@ class FirstOrderGroupInfluence(GroupInfluence):
 
     def compute_influence_vector_group(self, group: tf.data.Dataset) -> tf.Tensor:
         """``H⁻¹ Σ_{z∈U} g_z`` (RelatIF-normalized if the calculator normalizes), shape ``(1, P)``."""
-        gradient, _ = summed_gradient(self.model, group, "group", self.show_progress)
+        gradient, _ = summed_gradient(self.model, group, "group", self.show_progress, self.strategy)
         return self._normalize_if_needed(self.ihvp_calculator.ihvp(gradient[None]))

@@ -51,6 +51,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_function
 from ..common.datasets import Batch, check_dataset, iterate_batches
+from ..common.distribute import check_strategy, data_parallel
 from ..common.progress import progress
 from ..model.influence_model import loss_in_dtype
 from ..model.losses import check_unreduced as _check_unreduced
@@ -155,6 +156,9 @@ class RepresenterPointL2(BaseInfluenceCalculator):
         Index or name of the final Dense layer (the model's output layer).
     show_progress
         Show progress bars.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
 
     Attributes
     ----------
@@ -180,7 +184,9 @@ class RepresenterPointL2(BaseInfluenceCalculator):
         epochs: int = 100,
         layer_index: int | str = -1,
         show_progress: bool = True,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
+        self.strategy = check_strategy(strategy)
         self.head: DenseHead = split_dense_head(model, layer_index)
         check_dataset(train_set, "train_set")
         _check_unreduced(loss_function)
@@ -205,8 +211,9 @@ class RepresenterPointL2(BaseInfluenceCalculator):
 
     def _features_and_targets(self, dataset: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
         features, targets = [], []
+        parallel = data_parallel(self.strategy)
         for batch in iterate_batches(dataset, "train_set"):
-            batch_features, batch_targets = self._features_and_outputs(batch[0])
+            batch_features, batch_targets = parallel.map_rows(lambda shard: self._features_and_outputs(shard[0]), batch)
             features.append(batch_features)
             targets.append(batch_targets)
         return tf.concat(features, axis=0), tf.concat(targets, axis=0)

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.datasets import Batch, batch_size_of, iterate_batches
+from ..common.distribute import check_strategy, data_parallel, using_strategy
 from ..common.progress import progress
 from ..curvature.factory import InverseHessianVectorProductFactory
 from ..model.influence_model import InfluenceModel
@@ -63,6 +64,9 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         Drawing of the Hessian subset.
     show_progress
         Show progress bars.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
 
     Attributes
     ----------
@@ -85,7 +89,9 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         shuffle_buffer_size: int = 10000,
         seed: int = 0,
         show_progress: bool = True,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
+        self.strategy = check_strategy(strategy)
         if not isinstance(influence_model, InfluenceModel):
             raise TypeError(f"influence_model must be an InfluenceModel, got {type(influence_model).__name__}.")
         if not isinstance(ihvp_calculator_factory, InverseHessianVectorProductFactory):
@@ -120,9 +126,12 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
 
         gradient_sum = tf.zeros([self.head_model.nb_params], self.value_dtype)
         self.n_train = 0
+        parallel = data_parallel(self.strategy)
         batches = progress(iterate_batches(dataset, "dataset"), show_progress, "RPS-LJE perturbation")
         for batch in batches:
-            gradient = self.head_model.batch_gradient_tensor(self._feature_batch(batch))
+            gradient = parallel.sum_rows(
+                lambda shard: self.head_model.batch_gradient_tensor(self._feature_batch(shard)), batch
+            )
             gradient_sum += tf.cast(gradient, self.value_dtype)
             self.n_train += batch_size_of(batch)
         kernel = head_model.layers[-1].kernel
@@ -130,11 +139,14 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         self.perturbed_kernel = tf.convert_to_tensor(kernel)
 
         hessian_set = hessian_subset(dataset, n_samples_for_hessian, shuffle_buffer_size, seed)
-        feature_batches = [self._feature_batch(batch) for batch in iterate_batches(hessian_set, "dataset")]
+        feature_batches = [
+            parallel.map_rows(self._feature_batch, batch) for batch in iterate_batches(hessian_set, "dataset")
+        ]
         hessian_features = tf.data.Dataset.from_tensor_slices(
             tuple(tf.concat(parts, axis=0) for parts in zip(*feature_batches))
         ).batch(max(batch_size_of(batch) for batch in feature_batches))
-        self.ihvp_calculator = ihvp_calculator_factory.build(self.head_model, hessian_features)
+        with using_strategy(strategy):
+            self.ihvp_calculator = ihvp_calculator_factory.build(self.head_model, hessian_features)
 
     def _feature_batch(self, batch: Batch) -> Batch:
         """``(f, y[, sample_weight])`` for the head from a training batch ``(x, y[, sample_weight])``."""

@@ -35,6 +35,7 @@ strict subset of it (``m < n``).
 import tensorflow as tf
 
 from ..common.datasets import element_count, iterate_batches
+from ..common.distribute import check_strategy, data_parallel, using_strategy
 from ..common.progress import known_cardinality, progress
 from ..curvature.base import InverseHessianVectorProduct
 from ..curvature.factory import IHVPCalculator, InverseHessianVectorProductFactory
@@ -63,6 +64,9 @@ class SecondOrderInfluenceCalculator(GroupInfluence):
         Show progress bars.
     seed
         Seed of the Hessian subset draw.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
 
     Attributes
     ----------
@@ -81,10 +85,13 @@ class SecondOrderInfluenceCalculator(GroupInfluence):
         shuffle_buffer_size: int = 10000,
         show_progress: bool = True,
         seed: int = 0,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
-        self.train_set, self.ihvp_calculator = fit_curvature(
-            model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, seed, show_progress
-        )
+        self.strategy = check_strategy(strategy)
+        with using_strategy(strategy):
+            self.train_set, self.ihvp_calculator = fit_curvature(
+                model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, seed, show_progress
+            )
         self.model = model
         self.show_progress = show_progress
         self.train_size = element_count(dataset)
@@ -92,9 +99,10 @@ class SecondOrderInfluenceCalculator(GroupInfluence):
     def _summed_hvp(self, group: tf.data.Dataset, vector: tf.Tensor) -> tf.Tensor:
         """``(Σ_{z∈U} ∇²ℓ_z) v``, shape ``(1, P)``."""
         total = tf.zeros_like(vector)
+        parallel = data_parallel(self.strategy)
         batches = progress(iterate_batches(group, "group"), self.show_progress, "Group HVP", known_cardinality(group))
         for batch in batches:
-            total += self.model.batch_hvp_tensor(batch, vector)
+            total += parallel.sum_rows(self.model.batch_hvp_tensor, batch, vector)
         return total
 
     def compute_influence_vector_group(self, group: tf.data.Dataset) -> tf.Tensor:
@@ -102,7 +110,7 @@ class SecondOrderInfluenceCalculator(GroupInfluence):
 
         ``ψ⁽²⁾_U / n`` predicts the parameter change when ``group`` is removed and the model retrained.
         """
-        gradient, group_size = summed_gradient(self.model, group, "group", self.show_progress)
+        gradient, group_size = summed_gradient(self.model, group, "group", self.show_progress, self.strategy)
         if group_size >= self.train_size:
             raise ValueError(
                 f"The group has {group_size} samples but the training set only {self.train_size}: the group "

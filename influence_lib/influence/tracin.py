@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import Batch
+from ..common.distribute import check_strategy
 from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
@@ -136,6 +137,9 @@ class TracIn(BaseInfluenceCalculator):
         What is explained on the query side: ``'loss'`` (default), ``'margin'`` or a callable
         ``(model_outputs, targets) -> (batch,)`` (see :mod:`influence_lib.model.measurement`).
         The training side always uses the loss.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
 
     Attributes
     ----------
@@ -149,6 +153,7 @@ class TracIn(BaseInfluenceCalculator):
         learning_rates: float | Sequence[float] | None = None,
         show_progress: bool = True,
         measurement: "str | Measurement | None" = None,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
         if isinstance(models, InfluenceModel) or not isinstance(models, Sequence) or not models:
             raise TypeError("models must be a non-empty list of InfluenceModel, one per checkpoint.")
@@ -161,6 +166,7 @@ class TracIn(BaseInfluenceCalculator):
         self.learning_rates = _learning_rates_for(learning_rates, len(self.models))
         self.show_progress = show_progress
         self.query_models = [model.with_measurement(measurement) for model in self.models]
+        self.strategy = check_strategy(strategy)
 
     @classmethod
     def from_checkpoints(

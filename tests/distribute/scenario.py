@@ -1,0 +1,192 @@
+"""The computations compared across device layouts by ``test_distribute.py``, run in subprocesses.
+
+``python scenario.py OUT.npz MODE`` configures TensorFlow for ``MODE`` before it initializes, runs
+every calculator on the same tiny problems and saves their outputs:
+
+* ``mirrored``: two logical CPU devices; each output is computed on one device (default strategy)
+  under the key ``single/NAME`` and with a ``MirroredStrategy`` over both under ``mirrored/NAME``.
+* ``single``: one device, keys ``single/NAME``.
+* ``multiworker``: one worker of a ``MultiWorkerMirroredStrategy`` (``TF_CONFIG`` set by the test);
+  the outputs of first-order, Arnoldi and TracIn go under ``multiworker/NAME``, and worker 0 adds
+  the same outputs computed in one process as ``single/NAME``.
+
+Influence vectors saved to disk go under the directory ``SCENARIO_CACHE`` (environment).
+The training set has 29 samples in batches of 7 (shards of 3 and 4 rows, then a last batch of one
+row that leaves a replica without rows).
+"""
+import contextlib
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+N_TRAIN, BATCH, K = 29, 7, 5
+
+
+def _configure(mode: str) -> tf.distribute.Strategy | None:
+    if mode == "single":
+        return None
+    if mode == "mirrored":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def _problems():
+    import keras
+    import reference_math as rm
+
+    import influence_lib as il
+
+    model, train, x, y = rm.softmax_regression(n=N_TRAIN, d=4, c=3, seed=5, batch_size=BATCH)
+    rng = np.random.default_rng(9)
+    x_test = rng.normal(size=(10, 4)).astype(np.float32)
+    y_test = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 10)]
+    test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(4)
+    checkpoints = [il.InfluenceModel(rm.softmax_regression(n=4, seed=seed)[0]) for seed in (6, 7)]
+
+    deep = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(3, use_bias=False, activation="softmax"),
+        ]
+    )
+    deep.set_weights([rng.normal(scale=0.7, size=w.shape).astype(np.float32) for w in deep.weights])
+    return il.InfluenceModel(model), train, test, checkpoints, deep
+
+
+def _pairwise(batches) -> np.ndarray:
+    return np.concatenate([np.concatenate([v.numpy() for _, v in inner], axis=1) for _, inner in batches], axis=0)
+
+
+def _top_k(dataset) -> tuple[np.ndarray, np.ndarray]:
+    elements = list(dataset)
+    return (np.concatenate([e[1].numpy() for e in elements]), np.concatenate([e[3].numpy() for e in elements]))
+
+
+def _shard_rows(strategy: tf.distribute.Strategy | None, train: tf.data.Dataset) -> np.ndarray:
+    """Rows computed by each local replica per training batch (shows the work was split)."""
+    from influence_lib import DataParallel
+
+    parallel = DataParallel(strategy)
+    rows = []
+    for batch in train:
+        seen = []
+        parallel.map_rows(lambda shard: seen.append(int(shard[0].shape[0])) or shard[0], batch)
+        rows.append(seen)
+    return np.array(rows)
+
+
+def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = True) -> dict[str, np.ndarray]:
+    """The outputs compared by the tests, computed under ``strategy`` (None: one device).
+
+    ``every_calculator=False`` keeps first-order influence (exact Hessian, Gauss-Newton), Arnoldi and
+    TracIn: per-sample outputs, sums and the Arnoldi passes, with fewer TensorFlow traces.
+    """
+    import keras
+
+    import influence_lib as il
+    from influence_lib.curvature.factory import ExactIHVPFactory
+
+    model, train, test, checkpoints, deep = _problems()
+    out = {"shard_rows": _shard_rows(strategy, train)}
+    vectors = tf.constant(np.random.default_rng(3).normal(size=(3, model.nb_params)), tf.float32)
+
+    def self_outputs(name, calculator):
+        out[f"{name}/self"] = il.extract_only_values(calculator.compute_influence_values(train)).numpy()
+        best = calculator.compute_top_k_from_training_dataset(train, K)
+        out[f"{name}/self_top_k_values"], out[f"{name}/self_top_k_indices"] = best.values.numpy(), best.indices.numpy()
+
+    def calculator_outputs(name, calculator):
+        self_outputs(name, calculator)
+        out[f"{name}/pairwise"] = _pairwise(calculator.estimate_influence_values_in_batches(test, train))
+        out[f"{name}/top_k_values"], out[f"{name}/top_k_indices"] = _top_k(calculator.top_k(test, train, K))
+
+    exact = il.FirstOrderInfluenceCalculator(model, train, "exact", show_progress=False, strategy=strategy)
+    calculator_outputs("exact", exact)
+    out["exact/hessian"] = exact.ihvp_calculator.hessian.numpy()
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        arnoldi = il.ArnoldiInfluenceCalculator(model, train, 10, k_largest_eig_vals=6, show_progress=False)
+        calculator_outputs("arnoldi", arnoldi)
+        out["arnoldi/eigenvalues"] = arnoldi.eig_vals.numpy()
+    calculator_outputs("tracin", il.TracIn(checkpoints, [0.1, 0.05], show_progress=False, strategy=strategy))
+    cache = os.path.join(os.environ["SCENARIO_CACHE"], "single" if strategy is None else "distributed")
+    on_disk = exact.top_k(test, train, K, influence_vector_in_cache=il.CACHE.DISK, save_influence_vector_ds_path=cache)
+    out["exact/disk_top_k_values"], out["exact/disk_top_k_indices"] = _top_k(on_disk)
+    with il.using_strategy(strategy):
+        gauss_newton = il.ExactIHVP(model, train, hessian="gauss_newton", show_progress=False)
+    out["gauss_newton/hessian"] = gauss_newton.hessian.numpy()
+    if not every_calculator:
+        return out
+
+    with il.using_strategy(strategy):
+        solver = il.ConjugateGradientDescentIHVP(model, train, n_opt_iters=30, damping=1.0)
+        out["lissa/ihvp"] = il.LissaIHVP(model, train, n_opt_iters=20, damping=0.1, scale=5.0).ihvp(vectors).numpy()
+    cg = il.FirstOrderInfluenceCalculator(model, train, solver, show_progress=False, strategy=strategy)
+    calculator_outputs("cg", cg)
+    out["cg/hvp"] = cg.ihvp_calculator.hvp(vectors).numpy()
+    loss = il.InfluenceModel(deep).loss_function
+    l2 = il.RepresenterPointL2(deep, train, loss, 0.1, show_progress=False, strategy=strategy)
+    calculator_outputs("representer_l2", l2)
+    out["representer_l2/kernel"] = l2.kernel.numpy()
+    lje_factory = ExactIHVPFactory(damping=0.05, show_progress=False)
+    lje = il.RepresenterPointLJE(il.InfluenceModel(deep), train, lje_factory, show_progress=False, strategy=strategy)
+    calculator_outputs("representer_lje", lje)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        scoped = keras.models.clone_model(model.model)  # weights mirrored on both devices under the strategy
+    scoped.set_weights(model.model.get_weights())
+    scoped_model = il.InfluenceModel(scoped)
+    in_scope = il.FirstOrderInfluenceCalculator(scoped_model, train, show_progress=False, strategy=strategy)
+    out["scoped_model/self"] = il.extract_only_values(in_scope.compute_influence_values(train)).numpy()
+    boundaries = {"boundary_sample": il.SampleBoundaryCalculator, "boundary_weights": il.WeightsBoundaryCalculator}
+    for name, boundary in boundaries.items():
+        self_outputs(name, boundary(model.model, 20, show_progress=False, strategy=strategy))
+    group = train.unbatch().take(10).batch(7)
+    out["group/first_order"] = exact.estimate_influence_values_group(group, test).numpy()
+    second = il.SecondOrderInfluenceCalculator(model, train, show_progress=False, strategy=strategy)
+    out["group/second_order"] = second.estimate_influence_values_group(group, test).numpy()
+    return out
+
+
+def _refusals(strategy: tf.distribute.Strategy) -> list[str]:
+    """The errors raised when the workers hold different weights, or iterate different data (worker 1's
+    samples in another order)."""
+    import influence_lib as il
+
+    model, train, _, checkpoints, _ = _problems()
+    messages = []
+    if strategy.cluster_resolver.task_id == 1:
+        model.model.layers[-1].bias.assign(model.model.layers[-1].bias + 1.0)
+    try:
+        il.FirstOrderInfluenceCalculator(model, train, show_progress=False, strategy=strategy)
+    except ValueError as error:
+        messages.append(str(error))
+    shuffled = train.unbatch().shuffle(64, seed=strategy.cluster_resolver.task_id).batch(BATCH)
+    tracin = il.TracIn(checkpoints, 0.1, show_progress=False, strategy=strategy)
+    try:
+        il.extract_only_values(tracin.compute_influence_values(shuffled))
+    except ValueError as error:
+        messages.append(str(error))
+    return messages
+
+
+def main(path: str, mode: str) -> None:
+    strategy = _configure(mode)
+    if mode == "mirrored":
+        results = {f"single/{key}": value for key, value in compute(None).items()}
+        results.update({f"mirrored/{key}": value for key, value in compute(strategy).items()})
+    elif mode == "single":
+        results = {f"single/{key}": value for key, value in compute(None).items()}
+    else:
+        results = {f"multiworker/{key}": value for key, value in compute(strategy, every_calculator=False).items()}
+        if strategy.cluster_resolver.task_id == 0:
+            results.update({f"single/{key}": value for key, value in compute(None, every_calculator=False).items()})
+        results["refusals"] = np.array(_refusals(strategy))
+    np.savez(path, **results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

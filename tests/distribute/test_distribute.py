@@ -1,0 +1,170 @@
+"""tf.distribute data parallelism: same numbers on 2 replicas (MirroredStrategy over 2 logical CPU devices,
+MultiWorkerMirroredStrategy over 2 local processes) as on one device, plus the sharding rules.
+
+Device layouts must be configured before TensorFlow initializes, so the distributed runs happen in
+subprocesses (``scenario.py``) bounded by timeouts; the single-device outputs they are compared to are
+themselves checked against float64 NumPy closed forms here.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference_math as rm
+import tensorflow as tf
+
+import influence_lib as il
+from influence_lib.common.distribute import shard_bounds
+
+SCENARIO = Path(__file__).with_name("scenario.py")
+ROOT = SCENARIO.parents[2]
+TIMEOUT_S = 240
+EVERY_CALCULATOR = {
+    "exact", "cg", "arnoldi", "lissa", "gauss_newton", "tracin", "representer_l2", "representer_lje",
+    "boundary_sample", "boundary_weights", "group", "scoped_model",
+}
+
+
+def _environment(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def _check(process: subprocess.Popen, output: Path) -> dict:
+    try:
+        _, errors = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"{output.name}: the distributed run did not finish in {TIMEOUT_S} s")
+    assert process.returncode == 0, errors.decode()[-3000:]
+    with np.load(output) as results:
+        return dict(results)
+
+
+def _start(output: Path, mode: str, **env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SCENARIO), str(output), mode],
+        env=_environment(SCENARIO_CACHE=str(output.parent / "cache"), **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _assert_same(expected: dict, actual: dict, prefix: str, calculators: set[str]) -> None:
+    assert {key.split("/")[0] for key in expected if "/" in key} == calculators
+    mismatched = []
+    for key, value in expected.items():
+        if key.endswith("shard_rows"):
+            continue
+        other = actual[f"{prefix}/{key}"]
+        if "indices" in key:
+            if not np.array_equal(value, other):
+                mismatched.append(f"{key}: {value.tolist()} vs {other.tolist()}")
+        elif not np.allclose(other, value, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(value).max())):
+            mismatched.append(f"{key}: max difference {np.abs(other - value).max():.3g}")
+    assert not mismatched, mismatched
+
+
+def _single_device_is_right(results: dict) -> None:
+    """The one-device outputs of first-order influence match the float64 closed form of softmax regression."""
+    model, _, x, y = rm.softmax_regression(n=29, d=4, c=3, seed=5, batch_size=7)
+    kernel, bias = (w.numpy() for w in model.weights)
+    rng = np.random.default_rng(9)
+    x_test = rng.normal(size=(10, 4)).astype(np.float32)
+    y_test = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 10)]
+    hessian = rm.softmax_hessian(x, kernel, bias)
+    inverse = rm.pseudo_inverse(hessian)
+    g_train, g_test = rm.softmax_gradients(x, y, kernel, bias), rm.softmax_gradients(x_test, y_test, kernel, bias)
+    pairwise = g_test @ inverse @ g_train.T
+    np.testing.assert_allclose(results["single/exact/hessian"], hessian, atol=1e-5)
+    np.testing.assert_allclose(results["single/gauss_newton/hessian"], hessian, atol=1e-5)
+    tolerance = 2e-3 * np.abs(pairwise).max()
+    np.testing.assert_allclose(results["single/exact/pairwise"], pairwise, rtol=2e-3, atol=tolerance)
+    self_influence = np.einsum("np,pq,nq->n", g_train, inverse, g_train)
+    np.testing.assert_allclose(results["single/exact/self"], self_influence, rtol=2e-3)
+    order = np.argsort(-pairwise, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(results["single/exact/top_k_indices"], order)
+
+
+def test_mirrored_strategy_over_two_devices_gives_the_one_device_numbers(tmp_path):
+    output = tmp_path / "mirrored.npz"
+    results = _check(_start(output, "mirrored"), output)
+    _single_device_is_right(results)
+    # Batches of 7, 7, 7, 7, 1 rows: shards of 3 and 4 rows, then none and 1 (the first replica computes a copy of
+    # the last row for the output's shape and drops it).
+    np.testing.assert_array_equal(results["mirrored/shard_rows"], [[3, 4]] * 4 + [[1, 1]])
+    np.testing.assert_array_equal(results["single/shard_rows"], [[7]] * 4 + [[1]])
+    expected = {k[len("single/"):]: v for k, v in results.items() if k.startswith("single/")}
+    _assert_same(expected, results, "mirrored", EVERY_CALCULATOR)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_multi_worker_strategy_over_two_processes_gives_the_one_process_numbers(tmp_path):
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    outputs = [tmp_path / f"worker_{index}.npz" for index in range(2)]
+    configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
+    processes = [_start(output, "multiworker", TF_CONFIG=config) for output, config in zip(outputs, configs)]
+    try:
+        workers = [_check(process, output) for process, output in zip(processes, outputs)]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    # Both workers saved their influence vectors under the same path, each in its own directory.
+    assert sorted(os.listdir(tmp_path / "cache" / "distributed")) == ["worker_0", "worker_1"]
+    _single_device_is_right(workers[0])
+    expected = {k[len("single/"):]: v for k, v in workers[0].items() if k.startswith("single/")}
+    for index, worker in enumerate(workers):
+        # Each worker computes the rows of its own replica: 3 (worker 0) or 4 (worker 1) of every batch of 7; the
+        # last batch's single row belongs to worker 1, worker 0 computes a copy of it and drops it.
+        np.testing.assert_array_equal(worker["multiworker/shard_rows"], [[3 + index]] * 4 + [[1]])
+        _assert_same(expected, worker, "multiworker", {"exact", "arnoldi", "tracin", "gauss_newton"})
+        # Different weights, or the same samples in another order, are refused on every worker.
+        weights, data = worker["refusals"]
+        assert "The watched weights differ between the workers of the cluster: every worker must load" in weights
+        assert "The first training batches differ between the workers of the cluster: every worker must" in data
+
+
+@pytest.mark.parametrize("size, replicas", [(7, 2), (1, 2), (10, 3), (0, 4), (5, 8)])
+def test_shards_are_contiguous_balanced_and_cover_the_batch(size, replicas):
+    bounds = [shard_bounds(size, replicas, replica) for replica in range(replicas)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == size
+    assert all(end == next_start for (_, end), (next_start, _) in zip(bounds, bounds[1:]))
+    sizes = [end - start for start, end in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_the_default_strategy_calls_the_function_on_the_whole_batch():
+    parallel = il.DataParallel()
+    assert parallel.replicas == 1 and not parallel.distributed
+    batch = (tf.constant([[1.0], [2.0], [3.0]]),)
+    marker = object()
+    assert parallel.map_rows(lambda b: marker if b is batch else None, batch) is marker
+    assert parallel.sum_rows(lambda b, scale: tf.reduce_sum(b[0]) * scale, batch, 2.0).numpy() == 12.0
+    assert not parallel.multi_worker and parallel.worker_path("cache/vectors") == "cache/vectors"
+
+
+def test_a_strategy_that_is_not_one_is_refused_with_its_type():
+    model, train, _, _ = rm.softmax_regression(n=8, batch_size=4)
+    with pytest.raises(TypeError, match="strategy must be a tf.distribute.Strategy.*got str"):
+        il.FirstOrderInfluenceCalculator(il.InfluenceModel(model), train, show_progress=False, strategy="mirrored")
+    with pytest.raises(TypeError, match="got int"):
+        with il.using_strategy(2):
+            pass
