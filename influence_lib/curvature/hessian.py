@@ -46,6 +46,14 @@ def resolve_curvature(model: InfluenceModel, curvature: str) -> str:
     return curvature
 
 
+def check_workers_agree(parallel, model: InfluenceModel, dataset: tf.data.Dataset) -> None:
+    """On a multi-worker cluster, refuse workers holding different weights or iterating different data."""
+    if parallel.multi_worker:
+        first = next(iter(dataset))
+        parallel.check_identical(model.weights, "The watched weights", SAME_WEIGHTS)
+        parallel.check_identical(first, "The first batches of the Hessian dataset", SAME_DATA)
+
+
 class HessianOperator:
     """``V ↦ H V`` for the mean Hessian ``H`` of ``model``'s loss over ``dataset``.
 
@@ -85,10 +93,7 @@ class HessianOperator:
             GaussNewtonProduct(model).batch_product if self.curvature == "ggn" else model.batch_hvp_tensor
         )
         self.parallel = data_parallel()
-        if self.parallel.multi_worker:
-            first = next(iter(dataset))
-            self.parallel.check_identical(model.weights, "The watched weights", SAME_WEIGHTS)
-            self.parallel.check_identical(first, "The first batches of the Hessian dataset", SAME_DATA)
+        check_workers_agree(self.parallel, model, dataset)
 
     def summed_product(self, batch, vectors: tf.Tensor) -> tf.Tensor:
         """The curvature of the batch's summed loss times each row of ``vectors``, summed over replicas."""
@@ -229,6 +234,7 @@ def gauss_newton_hessian(model: InfluenceModel, dataset: tf.data.Dataset, show_p
             "(ExactIHVP does so automatically)."
         )
     model.check_dataset(dataset, "the Hessian dataset")
+    check_workers_agree(data_parallel(), model, dataset)
     layer = model.closed_form_layers[0]
     parameters = [p.value.ref() if p is not None else None for p in DenseRule.parameters(layer)]
     watched = tuple(p is not None and p in {w.ref() for w in model.tf_variables} for p in parameters)
