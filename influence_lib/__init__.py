@@ -35,6 +35,8 @@ from .curvature import (
 from .influence import (
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
+    GradCos,
+    GradDot,
     InfluenceBatches,
     NumpyResult,
     SelfInfluenceCalculator,
@@ -48,9 +50,10 @@ from .influence.representer_l2 import RepresenterPointL2
 from .influence.representer_lje import RepresenterPointLJE
 from .influence.second_order import SecondOrderInfluenceCalculator
 from .influence.tracin import TracIn
+from .influence.trak import TRAK
 from .influence.tracin_checkpoint import TracInCheckpoint
 from . import utils
-from .model import BaseInfluenceModel, InfluenceModel, default_process_batch
+from .model import BaseInfluenceModel, GradientProjector, InfluenceModel, Projection, default_process_batch
 
 __version__ = "0.1.0"
 
@@ -70,6 +73,9 @@ __all__ = [
     "FirstOrderInfluenceCalculator",
     "ForwardOverBackwardHVP",
     "GaussNewtonProduct",
+    "GradCos",
+    "GradDot",
+    "GradientProjector",
     "HessianOperator",
     "IHVPCalculator",
     "InfluenceBatches",
@@ -80,12 +86,14 @@ __all__ = [
     "LissaIHVP",
     "LissaIHVPFactory",
     "NonFiniteError",
+    "Projection",
     "RepresenterPointL2",
     "RepresenterPointLJE",
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "SingularHessianError",
+    "TRAK",
     "StreamingTopK",
     "TopK",
     "TracIn",

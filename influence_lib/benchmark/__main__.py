@@ -1,11 +1,15 @@
-"""Command line of the mislabel-detection benchmark.
+"""Command line of the benchmarks: mislabel detection (the default) and faithfulness (``lds``).
 
-Example::
+Examples::
 
-    python -m influence_lib.benchmark --dataset digits --noise 0.1 --methods all --seeds 3 --out results/
+    influence-benchmark --dataset digits --noise 0.1 --methods all --seeds 3 --out results/
+    influence-benchmark lds --dataset fashion-mnist --model logreg --train-size 5000 --test-size 500 \\
+        --subsets 100 --methods all --out lds_results/
 
-prints the results table and writes ``results.json``, ``detection_curves.png`` and
-``self_influence_histogram.png`` (best method, first seed) to the output directory.
+The mislabel form (also ``influence-benchmark mislabel ...``) prints the results table and writes
+``results.json``, ``detection_curves.png`` and ``self_influence_histogram.png``; the ``lds`` form
+writes ``results.json``, ``results.md`` and ``lds.png`` (see :mod:`influence_lib.benchmark.lds_cli`).
+Arguments and output directories are checked before anything is trained (exit code 2).
 """
 import argparse
 import os
@@ -15,28 +19,39 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .cli_arguments import check_writable_directory, non_negative_int, open_fraction, positive_int, widths
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m influence_lib.benchmark``."""
+    """The argument parser of the mislabel benchmark (``influence-benchmark [mislabel] ...``)."""
     parser = argparse.ArgumentParser(
         prog="influence-benchmark",
         description="Mislabel-detection benchmark: flip a fraction of the labels, train an MLP, "
-        "rank the training samples with each method, report ROC-AUC, detection curves and time.",
+        "rank the training samples with each method, report ROC-AUC, detection curves and time. "
+        "The faithfulness benchmark (LDS, leave-one-out) is the subcommand 'lds': influence-benchmark lds --help.",
     )
-    parser.add_argument("--dataset", default="digits", help="digits (offline, default), fashion_mnist or cifar10")
     parser.add_argument(
-        "--data-path", default=None, help="local directory of the dataset files (fashion_mnist, cifar10)"
+        "--dataset", default="digits", help="digits (offline, default), fashion_mnist, mnist or cifar10"
     )
-    parser.add_argument("--noise", type=float, default=0.1, help="fraction of training labels flipped (default 0.1)")
+    parser.add_argument(
+        "--data-path", default=None, help="local directory of the dataset files (fashion_mnist, mnist, cifar10)"
+    )
+    parser.add_argument(
+        "--noise", type=open_fraction, default=0.1, help="fraction of training labels flipped (default 0.1)"
+    )
     parser.add_argument("--methods", default="all", help="'all' or a comma-separated list of method names")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (trainings) to average over")
-    parser.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (trainings) to average over")
+    parser.add_argument("--first-seed", type=non_negative_int, default=0, help="first seed (default 0)")
     parser.add_argument("--out", default="benchmark_output", help="output directory for JSON and PNG files")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs of the MLP")
-    parser.add_argument("--hidden", default="128", help="comma-separated hidden layer widths of the MLP")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    parser.add_argument("--n-train", type=int, default=None, help="use a random subset of this many training samples")
-    parser.add_argument("--n-test", type=int, default=None, help="use a random subset of this many test samples")
+    parser.add_argument("--epochs", type=positive_int, default=30, help="training epochs of the MLP")
+    parser.add_argument("--hidden", type=widths, default=(128,), help="comma-separated hidden layer widths of the MLP")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="training batch size")
+    parser.add_argument(
+        "--n-train", type=positive_int, default=None, help="use a random subset of this many training samples"
+    )
+    parser.add_argument(
+        "--n-test", type=positive_int, default=None, help="use a random subset of this many test samples"
+    )
     parser.add_argument("--list-methods", action="store_true", help="list the method names and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -53,7 +68,7 @@ def run(arguments: argparse.Namespace) -> dict:
 
     factories = resolve_methods(arguments.methods)
     data = load_dataset(arguments.dataset, arguments.data_path).subset(arguments.n_train, arguments.n_test)
-    hidden_units = tuple(int(width) for width in arguments.hidden.split(",") if width.strip())
+    hidden_units = arguments.hidden
     procedure = MLPTrainingProcedure(hidden_units, arguments.epochs, arguments.batch_size)
     evaluator = MislabelingDetectorEvaluator(
         (data.x_train, data.y_train),
@@ -113,14 +128,46 @@ def most_suspicious_table(results: dict, data, noise: float, count: int = 10) ->
     return "\n".join(lines)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """Parsed arguments, or the exit code argparse chose (2 for bad arguments, 0 for --help)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return exit_request.code if isinstance(exit_request.code, int) else 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m influence_lib.benchmark`` and of the ``influence-benchmark`` script."""
-    arguments = build_parser().parse_args(argv)
+    """Entry point of ``python -m influence_lib.benchmark`` and of the ``influence-benchmark`` script.
+
+    Returns the exit code: 0 on success, 2 for bad arguments or an unusable output directory
+    (checked before any training) and for errors of the run itself (printed to stderr).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lds":
+        from .lds_cli import main as lds_main
+
+        return lds_main(argv[1:])
+    if argv and argv[0] == "mislabel":
+        argv = argv[1:]
+    parser = build_parser()
+    arguments = _parse(parser, argv)
+    if isinstance(arguments, int):
+        return arguments
     if arguments.list_methods:
         from .factories import METHODS
 
         print("\n".join(METHODS))
         return 0
+    try:
+        from .factories import resolve_methods
+
+        resolve_methods(arguments.methods)
+        check_writable_directory(parser, arguments.out, "--out")
+    except ValueError as error:
+        print(f"influence-benchmark: error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_request:
+        return exit_request.code if isinstance(exit_request.code, int) else 2
     try:
         run(arguments)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:

@@ -5,6 +5,8 @@
 * ``fashion_mnist``: the official Fashion-MNIST (60,000 + 10,000 28×28 images) read from IDX
   files in a local directory — by default ``/usr/share/datasets/fashion-mnist``, which the
   Debian package ``dataset-fashion-mnist`` installs — else downloaded by ``keras.datasets``.
+* ``mnist``: MNIST from a local directory of the four IDX files (same names as Fashion-MNIST's);
+  no default location, no download.
 * ``cifar10``: CIFAR-10 (50,000 + 10,000 32×32×3 images) from a local ``cifar-10-batches-py``
   directory (the "python version" archive, extracted), else ``keras.datasets`` (which needs the
   internet unless Keras already cached it).
@@ -118,23 +120,43 @@ def _keras_download(loader_name: str, dataset_name: str, local_hint: str):
         ) from error
 
 
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _idx_data(name: str, directory: str, class_names: tuple[str, ...]) -> ClassificationData:
+    x_train, y_train, x_test, y_test = (_read_idx(_find_idx(directory, stem)) for stem in IDX_STEMS)
+    return ClassificationData(
+        name,
+        (x_train / 255.0).astype(np.float32),
+        y_train.astype(np.int64),
+        (x_test / 255.0).astype(np.float32),
+        y_test.astype(np.int64),
+        class_names,
+    )
+
+
+def load_mnist(path: str | None = None) -> ClassificationData:
+    """MNIST from a local directory holding the four IDX files (``train-images-idx3-ubyte[.gz]``, …)."""
+    if path is None:
+        raise ValueError("MNIST is read from a local copy: pass the directory of its four IDX files (--data-dir).")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"MNIST directory {path!r} does not exist.")
+    return _idx_data("mnist", path, tuple(str(digit) for digit in range(10)))
+
+
 def load_fashion_mnist(path: str | None = None) -> ClassificationData:
     """Fashion-MNIST from a directory of IDX files (default: the Debian package's), else keras.datasets."""
     directory = path if path is not None else FASHION_MNIST_DIRECTORY
     if os.path.isdir(directory):
-        stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-        arrays = [_read_idx(_find_idx(directory, stem)) for stem in stems]
-    elif path is not None:
+        return _idx_data("fashion_mnist", directory, FASHION_MNIST_CLASSES)
+    if path is not None:
         raise FileNotFoundError(f"Fashion-MNIST directory {path!r} does not exist.")
-    else:
-        (x_train, y_train), (x_test, y_test) = _keras_download(
-            "fashion_mnist",
-            "Fashion-MNIST",
-            "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass the "
-            "directory holding the IDX files.",
-        )
-        arrays = [x_train, y_train, x_test, y_test]
-    x_train, y_train, x_test, y_test = arrays
+    (x_train, y_train), (x_test, y_test) = _keras_download(
+        "fashion_mnist",
+        "Fashion-MNIST",
+        "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass the "
+        "directory holding the IDX files.",
+    )
     return ClassificationData(
         "fashion_mnist",
         (x_train / 255.0).astype(np.float32),
@@ -177,11 +199,11 @@ def load_cifar10(path: str | None = None) -> ClassificationData:
     )
 
 
-DATASETS = {"digits": load_digits, "fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}
+DATASETS = {"digits": load_digits, "fashion_mnist": load_fashion_mnist, "mnist": load_mnist, "cifar10": load_cifar10}
 
 
 def load_dataset(name: str, path: str | None = None) -> ClassificationData:
-    """Load a benchmark dataset by name: ``'digits'``, ``'fashion_mnist'`` or ``'cifar10'``."""
+    """Load a benchmark dataset by name: ``'digits'``, ``'fashion_mnist'``, ``'mnist'`` or ``'cifar10'``."""
     key = str(name).lower().replace("-", "_")
     if key not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; choose one of {sorted(DATASETS)}.")

@@ -25,7 +25,7 @@ from ..common.progress import progress
 from .factories import MethodFactory
 from .label_noise import flip_labels
 from .metrics import detection_curve, detection_curve_area, roc_auc
-from .training import TrainingProcedure
+from .training import InfluenciaeTrainingProcedure, TrainingProcedure
 
 
 @dataclass
@@ -102,6 +102,15 @@ class MethodResult:
         """Detection curve averaged over the seeds."""
         return np.mean([run.fraction_found for run in self.runs], axis=0)
 
+    def found_at(self, fraction_inspected: float) -> float:
+        """Mean over seeds of the fraction of flipped labels found among the top ``fraction_inspected``
+        of the training samples (kronfluence's and Influenciae's reading of the detection curve)."""
+        if not 0.0 <= fraction_inspected <= 1.0:
+            raise ValueError(f"fraction_inspected must be in [0, 1], got {fraction_inspected!r}.")
+        return float(np.mean([
+            run.fraction_found[int(round(fraction_inspected * (run.fraction_found.size - 1)))] for run in self.runs
+        ]))
+
 
 def _to_numpy(dataset, name: str, nb_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """``(x, integer labels)`` from a pair of arrays or an unbatched dataset of ``(x, y)``."""
@@ -142,13 +151,22 @@ class MislabelingDetectorEvaluator:
         Unbatched ``tf.data.Dataset`` of ``(inputs, labels)`` or pairs of arrays ``(x, y)``; labels
         as class indices or one-hot.
     training_procedure
-        How to train the model (e.g. :class:`~influence_lib.benchmark.training.MLPTrainingProcedure`).
+        How to train the model: a :class:`~influence_lib.benchmark.training.TrainingProcedure`
+        (e.g. :class:`~influence_lib.benchmark.training.MLPTrainingProcedure`), or an
+        Influenciae-style procedure whose ``train(training_dataset, test_dataset, train_batch_size,
+        test_batch_size, log_path)`` returns ``(train accuracy, test accuracy, model, info)`` (wrapped
+        in :class:`~influence_lib.benchmark.training.InfluenciaeTrainingProcedure`).
     nb_classes
         Number of classes.
     mislabeling_ratio
         Fraction of the training labels flipped (exactly ``round(ratio · n)`` samples).
+    train_batch_size, test_batch_size
+        Batch sizes handed to an Influenciae-style procedure (a library procedure has its own
+        ``batch_size``); Influenciae's signature.
     influence_batch_size
-        Batch size of the training set given to the methods.
+        Batch size of the training set given to the methods (default: ``train_batch_size``).
+    config
+        Settings saved with the results for traceability (merged into :meth:`config`).
     show_progress
         Show a progress bar over the runs.
     """
@@ -160,9 +178,22 @@ class MislabelingDetectorEvaluator:
         training_procedure: TrainingProcedure,
         nb_classes: int,
         mislabeling_ratio: float,
-        influence_batch_size: int = 128,
+        train_batch_size: int = 128,
+        test_batch_size: int = 128,
+        influence_batch_size: int | None = None,
+        config: Mapping | None = None,
         show_progress: bool = True,
     ):
+        for name, value in (("train_batch_size", train_batch_size), ("test_batch_size", test_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict of settings, got {type(config).__name__}.")
+        if influence_batch_size is None:
+            influence_batch_size = train_batch_size
+        is_influenciae_style = callable(getattr(training_procedure, "train", None))
+        if not isinstance(training_procedure, TrainingProcedure) and is_influenciae_style:
+            training_procedure = InfluenciaeTrainingProcedure(training_procedure, train_batch_size, test_batch_size)
         if not isinstance(training_procedure, TrainingProcedure):
             raise TypeError(f"training_procedure must be a TrainingProcedure, got {type(training_procedure).__name__}.")
         if not 0.0 < float(mislabeling_ratio) < 1.0:
@@ -184,6 +215,9 @@ class MislabelingDetectorEvaluator:
         self.training_procedure = training_procedure
         self.mislabeling_ratio = float(mislabeling_ratio)
         self.influence_batch_size = influence_batch_size
+        self.train_batch_size = train_batch_size
+        self.test_batch_size = test_batch_size
+        self.user_config = dict(config or {})
         self.show_progress = show_progress
 
     def _one_hot(self, labels: np.ndarray) -> np.ndarray:
@@ -237,9 +271,26 @@ class MislabelingDetectorEvaluator:
         """Evaluate one method on ``nbr_of_evaluation`` seeds (see :meth:`bench`)."""
         return self.bench({method_name: factory}, nbr_of_evaluation, path_to_save, seed)[method_name]
 
+    def build_noisy_training_dataset(self, seed: int = 0) -> tuple[tf.data.Dataset, tuple[np.ndarray]]:
+        """The training set with ``round(ratio · n)`` labels flipped (seed ``seed``), Influenciae's method.
+
+        Returns
+        -------
+        noisy_dataset, flipped
+            An unbatched dataset of ``(inputs, one-hot noisy labels)``, and the indices of the
+            flipped samples wrapped in a 1-tuple as ``np.where`` returns them (Influenciae code
+            reads ``flipped[0]``).
+        """
+        noisy_labels, flipped_indices = flip_labels(self.y_train, self.nb_classes, self.mislabeling_ratio, seed)
+        dataset = tf.data.Dataset.from_tensor_slices((self.x_train, self._one_hot(noisy_labels)))
+        return dataset, (np.sort(flipped_indices),)
+
     def config(self) -> dict:
-        """The benchmark settings, as stored with the results."""
+        """The benchmark settings, as stored with the results (with the ``config`` given at construction)."""
         return {
+            **self.user_config,
+            "train_batch_size": self.train_batch_size,
+            "test_batch_size": self.test_batch_size,
             "nb_train": int(len(self.y_train)),
             "nb_test": int(len(self.y_test)),
             "nb_classes": self.nb_classes,

@@ -12,11 +12,13 @@ def _row(result: MethodResult) -> list[str]:
         result.name,
         f"{result.roc_auc_mean:.3f} ± {result.roc_auc_std:.3f}",
         f"{result.curve_area_mean:.3f} ± {result.curve_area_std:.3f}",
+        f"{result.found_at(0.1):.3f}",
+        f"{result.found_at(0.2):.3f}",
         f"{result.seconds_mean:.1f} ± {result.seconds_std:.1f}",
     ]
 
 
-HEADER = ["method", "ROC-AUC", "detection-curve area", "time (s)"]
+HEADER = ["method", "ROC-AUC", "detection-curve area", "found in top 10%", "found in top 20%", "time (s)"]
 
 
 def results_table(results: Mapping[str, MethodResult], markdown: bool = False) -> str:
@@ -56,6 +58,8 @@ def results_to_dict(results: Mapping[str, MethodResult], config: Mapping | None 
             "roc_auc_std": result.roc_auc_std,
             "curve_area_mean": result.curve_area_mean,
             "curve_area_std": result.curve_area_std,
+            "found_in_top_10_percent": result.found_at(0.1),
+            "found_in_top_20_percent": result.found_at(0.2),
             "seconds_mean": result.seconds_mean,
             "seconds_std": result.seconds_std,
             "mean_curve_fraction_inspected": inspected,

@@ -213,3 +213,25 @@ def test_json_curve_is_subsampled_keeping_its_ends():
     assert saved["mean_curve_fraction_inspected"][0] == 0.0 and saved["mean_curve_fraction_inspected"][-1] == 1.0
     inspected, found = saved["mean_curve_fraction_inspected"], saved["mean_curve_fraction_found"]
     np.testing.assert_allclose(found, np.sqrt(inspected), atol=1e-5)
+
+
+def test_found_in_top_fraction_reads_the_detection_curve():
+    from influence_lib.benchmark.evaluator import MethodResult, RunResult
+    from influence_lib.benchmark.metrics import detection_curve
+    from influence_lib.benchmark.report import results_table, results_to_dict
+
+    is_flipped = np.zeros(50, dtype=bool)
+    is_flipped[:10] = True  # 20% flipped
+    runs = []
+    for seed, scores in enumerate([is_flipped.astype(float), np.full(50, 3.0)]):  # perfect, then constant
+        _, found = detection_curve(scores, is_flipped)
+        runs.append(RunResult(seed, 0.5, 0.5, found, 1.0, 1.0, 1.0, scores, np.flatnonzero(is_flipped)))
+    perfect, constant = MethodResult("perfect", runs[:1]), MethodResult("constant", runs[1:])
+    # Top 10% (5 samples) of a perfect ranking holds 5 of the 10 flips; top 20% all of them.
+    assert perfect.found_at(0.1) == pytest.approx(0.5) and perfect.found_at(0.2) == pytest.approx(1.0)
+    # Tied scores are inspected in random order: the expected fraction found equals the fraction inspected.
+    assert constant.found_at(0.1) == pytest.approx(0.1) and constant.found_at(0.2) == pytest.approx(0.2)
+    assert "found in top 10%" in results_table({"perfect": perfect})
+    assert results_to_dict({"perfect": perfect})["methods"]["perfect"]["found_in_top_20_percent"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="fraction_inspected"):
+        perfect.found_at(1.5)

@@ -46,6 +46,13 @@ CALCULATORS = {
     "rps_lje": lambda train: il.RepresenterPointLJE(
         il.InfluenceModel(_model()), train, il.ExactIHVPFactory(damping=0.1), show_progress=False
     ),
+    "trak": lambda train: il.TRAK(il.InfluenceModel(_model()), train, projection=il.Projection(8), damping=0.1,
+                                  show_progress=False),
+    "grad_dot": lambda train: il.GradDot(il.InfluenceModel(_model()), projection=il.Projection(8, structured=False),
+                                         show_progress=False),
+    "grad_cos": lambda train: il.GradCos(il.InfluenceModel(_model()), show_progress=False),
+    "tracin_projected": lambda train: il.TracIn([il.InfluenceModel(_model())], 0.1, show_progress=False,
+                                                projection=il.Projection(8)),
     "weights_boundary": lambda train: il.WeightsBoundaryCalculator(_model(), show_progress=False),
     "sample_boundary": lambda train: il.SampleBoundaryCalculator(_model(), show_progress=False),
 }
