@@ -82,7 +82,8 @@ def self_influence(calculator, data: tf.data.Dataset) -> np.ndarray:
 
 def run_exact(settings, model, inputs, labels) -> np.ndarray:
     hessian_data = dataset(*workloads.hessian_part(inputs, labels, settings), settings.influence_lib_batch_size)
-    ihvp = ExactIHVP(model, hessian_data, show_progress=False)
+    # damping=0: Influenciae's pseudo-inverse, which this side-by-side compares against.
+    ihvp = ExactIHVP(model, hessian_data, damping=0.0, show_progress=False)
     calculator = FirstOrderInfluenceCalculator(model, hessian_data, ihvp_calculator=ihvp, show_progress=False)
     return self_influence(calculator, dataset(inputs, labels, settings.influence_lib_batch_size))
 
@@ -90,7 +91,7 @@ def run_exact(settings, model, inputs, labels) -> np.ndarray:
 def run_cg(settings, model, inputs, labels) -> np.ndarray:
     hessian_data = dataset(*workloads.hessian_part(inputs, labels, settings), settings.influence_lib_batch_size)
     ihvp = ConjugateGradientDescentIHVP(
-        model, hessian_data, n_opt_iters=settings.cg_max_iterations, tolerance=settings.cg_tolerance
+        model, hessian_data, n_opt_iters=settings.cg_max_iterations, damping=0.0, tolerance=settings.cg_tolerance
     )
     calculator = FirstOrderInfluenceCalculator(model, hessian_data, ihvp_calculator=ihvp, show_progress=False)
     return self_influence(calculator, dataset(inputs, labels, settings.cg_influence_lib_rhs_batch_size))
@@ -120,6 +121,7 @@ def run_arnoldi(settings, model, inputs, labels) -> np.ndarray:
         settings.arnoldi_subspace_dim,
         force_hermitian=True,
         k_largest_eig_vals=settings.arnoldi_k,
+        damping=0.0,
         seed=settings.seed,
         show_progress=False,
     )

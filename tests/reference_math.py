@@ -151,3 +151,19 @@ def one_sample_gradients(model, weights, inputs, targets) -> np.ndarray:
         grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         rows.append(np.concatenate([np.reshape(tf.convert_to_tensor(g), [-1]) for g in grads]))
     return np.stack(rows).astype(np.float64)
+
+
+def tanh_mlp_logit_jacobians(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample jacobians of the outputs ``z = W2ᵀ tanh(W1ᵀx + b1) + b2`` of a 2-layer tanh MLP
+    w.r.t. [W1, b1, W2, b2] (row-major), shape (n, C, P), and the outputs (n, C); float64, analytic."""
+    w1, b1, w2, b2 = [w.astype(np.float64) for w in model.get_weights()]
+    x = x.astype(np.float64)
+    hidden = np.tanh(x @ w1 + b1)
+    slope = 1.0 - hidden**2
+    n, classes = len(x), w2.shape[1]
+    d_w1 = np.einsum("ni,jc,nj->ncij", x, w2, slope).reshape(n, classes, -1)
+    d_b1 = np.einsum("jc,nj->ncj", w2, slope)
+    d_w2 = np.einsum("nj,cd->ncjd", hidden, np.eye(classes)).reshape(n, classes, -1)
+    d_b2 = np.broadcast_to(np.eye(classes), (n, classes, classes))
+    return np.concatenate([d_w1, d_b1, d_w2, d_b2], axis=2), hidden @ w2 + b2
+

@@ -67,7 +67,7 @@ class ArnoldiCalculatorFactory(CalculatorFactory):
         hessian_set = hessian_subset(train_set, _hessian_samples(self.dataset_hessian_size), 10000, trained.seed)
         return ArnoldiInfluenceCalculator(
             model, hessian_set, self.subspace_dim, self.force_hermitian, self.k_largest_eig_vals, self.dtype,
-            seed=trained.seed, show_progress=False, measurement=measurement,
+            damping=0.0, seed=trained.seed, show_progress=False, measurement=measurement,  # Influenciae: undamped
         )
 
 

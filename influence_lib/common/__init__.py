@@ -2,12 +2,14 @@
 from .distribute import DataParallel, using_strategy
 from .enums import CACHE, ORDER
 from .errors import NonFiniteError, SingularHessianError
+from .memory import InsufficientMemoryError
 from .top_k import StreamingTopK, TopK
 
 __all__ = [
     "CACHE",
     "ORDER",
     "DataParallel",
+    "InsufficientMemoryError",
     "NonFiniteError",
     "SingularHessianError",
     "StreamingTopK",

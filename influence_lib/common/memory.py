@@ -63,3 +63,29 @@ def describe_bytes(count: float) -> str:
             return f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} TiB"
+
+
+class InsufficientMemoryError(ValueError, MemoryError):
+    """A computation was refused because its estimated memory exceeds what the machine has available."""
+
+
+def check_memory(required: float, what: str, alternatives: str, available: int | None = None) -> None:
+    """Raise :class:`InsufficientMemoryError` before a computation whose estimated peak does not fit.
+
+    Parameters
+    ----------
+    required
+        Estimated peak bytes of the computation.
+    what
+        What would be allocated, for the message (e.g. ``"the dense 100180 × 100180 Hessian"``).
+    alternatives
+        What to use instead, for the message.
+    available
+        Bytes available; ``None`` asks the operating system (no check when it does not say).
+    """
+    available = available_memory_bytes() if available is None else available
+    if available is not None and required > available:
+        raise InsufficientMemoryError(
+            f"{what} needs about {describe_bytes(required)} of memory but only {describe_bytes(available)} is "
+            f"available. {alternatives}"
+        )

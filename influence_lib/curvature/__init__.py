@@ -14,6 +14,7 @@ from .factory import (
     LissaIHVPFactory,
     make_ihvp,
 )
+from .gauss_newton import GaussNewtonProduct
 from .hessian import HessianOperator, gauss_newton_hessian
 from .iterative import IterativeIHVP
 from .kfac import EKFACIHVP, KFACIHVP
@@ -29,6 +30,7 @@ __all__ = [
     "ExactIHVP",
     "ExactIHVPFactory",
     "ForwardOverBackwardHVP",
+    "GaussNewtonProduct",
     "HessianOperator",
     "IHVPCalculator",
     "InverseHessianVectorProduct",

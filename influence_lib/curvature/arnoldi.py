@@ -30,8 +30,11 @@ from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
 from .base import InverseHessianVectorProduct
 from .hessian import HessianOperator
+from .spectrum import hutchinson_mean_eigenvalue, resolve_damping
 
 DEFAULT_SUBSPACE_DIM = 200
+# Ritz values below this multiple of the rounding noise measured in the Arnoldi matrix are noise.
+_NOISE_MULTIPLE = 10.0
 
 MatMat = Callable[[tf.Tensor], tf.Tensor]
 
@@ -176,11 +179,16 @@ def _check_positive_int(value, name: str) -> int:
 
 
 class ArnoldiIHVP(InverseHessianVectorProduct):
-    """IHVP restricted to the top-``k`` eigenspace of the mean Hessian found by Arnoldi.
+    """IHVP restricted to the top-``k`` eigenspace of the mean curvature found by Arnoldi.
 
-    See the module docstring for the formula. Eigenvalues of the kept set that are zero to
-    float32 precision (``|λ| ≤ 10·P·ε₃₂·max|λ|``) are dropped when ``damping == 0`` — the
-    pseudo-inverse convention of :class:`ExactIHVP` — so fewer than ``k`` may remain.
+    See the module docstring for the formula. Ritz values that are rounding noise are dropped when
+    ``damping == 0`` — the pseudo-inverse convention — so fewer than ``k`` may remain. The cut-off
+    does not grow with the number of parameters ``P``: it is the larger of ``tf.linalg.pinv``'s
+    rule for the ``m × m`` matrix actually inverted (``10·m·ε·max|λ|``, ``ε`` of the model's
+    dtype) and ten times the rounding noise of the Hessian-vector products, measured in the
+    Arnoldi matrix itself (its entries above the first superdiagonal, zero in exact arithmetic
+    for a symmetric ``H``). With ``damping > 0`` every kept pair is inverted; only a negative
+    eigenvalue ``λ < 0`` that cancels the damping (``λ + δ`` within the cut-off of zero) is an error.
 
     Parameters
     ----------
@@ -196,13 +204,19 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
     k_largest_eig_vals
         Number ``k ≤ m`` of eigenvalues of largest magnitude kept. ``None``: all ``m``.
     damping
-        δ ≥ 0 added to every kept eigenvalue.
+        δ ≥ 0 added to every kept eigenvalue; ``'auto'`` (default): ``δ = 0.1 · tr(H) / P``, the
+        trace estimated with 32 random probes in one extra pass over the dataset
+        (:mod:`~influence_lib.curvature.spectrum`).
     seed
         Seed of the random start vector (and of restarts).
     dtype
         Dtype of the Krylov basis and eigenvectors (``tf.float32`` or ``tf.float64``).
     show_progress
         Show a progress bar over the Arnoldi steps.
+    curvature
+        ``'auto'`` (default): the Gauss-Newton matrix when the model has a single output (PSD,
+        equal to the Hessian for an output layer alone), else the Hessian; ``'ggn'`` or
+        ``'hessian'`` to choose (see :func:`~influence_lib.curvature.hessian.resolve_curvature`).
 
     Attributes
     ----------
@@ -223,10 +237,11 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         subspace_dim: int | None = None,
         force_hermitian: bool = True,
         k_largest_eig_vals: int | None = None,
-        damping: float = 0.0,
+        damping: "float | str" = "auto",
         seed: int = 0,
         dtype: tf.DType = tf.float32,
         show_progress: bool = True,
+        curvature: str = "auto",
     ):
         super().__init__(model, train_dataset, damping)
         dtype = tf.as_dtype(dtype)
@@ -250,14 +265,20 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         self.force_hermitian = bool(force_hermitian)
         self.seed = int(seed)
         self.dtype = dtype
-        self.hessian_operator = HessianOperator(model, train_dataset)
+        self.hessian_operator = HessianOperator(model, train_dataset, curvature=curvature)
+        self.curvature = self.hessian_operator.curvature
+        self.damping = resolve_damping(
+            self.damping,
+            lambda: hutchinson_mean_eigenvalue(self.hessian_operator.matmat, nb_params, model.dtype, seed=seed),
+        )
 
         start = tf.constant(np.random.default_rng(self.seed).standard_normal(nb_params), dtype=dtype)
         basis, projected = arnoldi_iteration(
             self.hessian_operator.matmat, start, subspace_dim, seed=self.seed, show_progress=show_progress
         )
         eigenvalues, eigenvectors, dual = top_eigenpairs(projected, k, self.force_hermitian)
-        eigenvalues, eigenvectors, dual = self._drop_null_directions(eigenvalues, eigenvectors, dual)
+        noise = float(np.abs(np.triu(projected, 2)).max()) if subspace_dim > 2 else 0.0
+        eigenvalues, eigenvectors, dual = self._drop_null_directions(eigenvalues, eigenvectors, dual, noise)
         self.eigenvalues = tf.constant(eigenvalues, dtype=dtype)
         self.inverse_eigenvalues = tf.constant(1.0 / (eigenvalues + self.damping), dtype=dtype)
         self.eigenvectors = tf.matmul(tf.constant(eigenvectors, dtype=dtype), basis, transpose_a=True)
@@ -266,16 +287,16 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         )
 
     def _drop_null_directions(
-        self, eigenvalues: np.ndarray, eigenvectors: np.ndarray, dual: np.ndarray
+        self, eigenvalues: np.ndarray, eigenvectors: np.ndarray, dual: np.ndarray, noise: float
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        largest = float(np.abs(eigenvalues).max())
-        cutoff = 10.0 * self.model.nb_params * np.finfo(np.float32).eps * largest
-        shifted = eigenvalues + self.damping
+        precision = np.finfo(self.model.dtype.as_numpy_dtype).eps
+        cutoff = max(10.0 * self.subspace_dim * precision * float(np.abs(eigenvalues).max()), _NOISE_MULTIPLE * noise)
         if self.damping > 0.0:
-            if np.any(np.abs(shifted) <= cutoff):
+            cancelled = (eigenvalues < 0) & (np.abs(eigenvalues + self.damping) <= cutoff)
+            if np.any(cancelled):
                 raise SingularHessianError(
-                    f"An eigenvalue of H + {self.damping}·I is within {cutoff:.2e} of zero (negative curvature "
-                    "cancels the damping). Increase damping."
+                    f"The negative eigenvalue {float(eigenvalues[cancelled][0]):.3e} of the curvature cancels the damping "
+                    f"{self.damping}: H + δI is singular. Change damping, or use curvature='ggn' (positive semi-definite)."
                 )
             return eigenvalues, eigenvectors, dual
         kept = np.abs(eigenvalues) > cutoff

@@ -14,8 +14,13 @@ from ..common.streams import GeneratorDataset
 from ..model.influence_model import InfluenceModel
 
 
-def check_damping(damping: float) -> float:
-    """Validate a damping coefficient λ ≥ 0."""
+def check_damping(damping: "float | str") -> "float | str":
+    """Validate a damping coefficient λ ≥ 0, or ``'auto'`` (resolved by each calculator, see
+    :mod:`~influence_lib.curvature.spectrum`)."""
+    if isinstance(damping, str):
+        if damping != "auto":
+            raise ValueError(f"damping must be a number ≥ 0 or 'auto', got {damping!r}.")
+        return damping
     damping = float(damping)
     if not 0.0 <= damping < float("inf"):
         raise ValueError(f"damping must be a finite number ≥ 0, got {damping}.")
@@ -33,10 +38,11 @@ class InverseHessianVectorProduct(ABC):
         Batched dataset of the samples averaged in the Hessian (``None`` when a calculator is
         built from a precomputed Hessian).
     damping
-        λ ≥ 0: the calculator inverts ``H + λI``.
+        λ ≥ 0: the calculator inverts ``H + λI``; ``'auto'``: ``λ = 0.1 · tr(H) / P``, resolved by
+        the subclass into a number stored in :attr:`damping`.
     """
 
-    def __init__(self, model: InfluenceModel, train_dataset: tf.data.Dataset | None, damping: float = 0.0):
+    def __init__(self, model: InfluenceModel, train_dataset: tf.data.Dataset | None, damping: "float | str" = 0.0):
         if not isinstance(model, InfluenceModel):
             raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
         self.model = model

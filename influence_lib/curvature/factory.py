@@ -1,9 +1,10 @@
 """Choose an IHVP calculator by name (``'exact' | 'cgd' | 'lissa' | 'arnoldi' | 'kfac' | 'ekfac'``), enum, or
 factory object.
 
-Built from a name or enum member, each calculator uses its default settings; for ``'arnoldi'``
-that is a Krylov subspace of ``min(P, 200)`` dimensions with all its eigenpairs kept (so the
-exact (pseudo-)inverse when ``P ≤ 200``). Use :class:`ArnoldiIHVPFactory` to choose others.
+Built from a name or enum member, each calculator uses its default settings: the Gauss-Newton
+curvature for built-in Keras losses (``curvature='auto'``) and ``damping='auto'``
+(``0.1 · tr(H) / P``); for ``'arnoldi'`` a Krylov subspace of ``min(P, 200)`` dimensions with all
+its eigenpairs kept. Use the factories to choose others (``damping=0`` for Influenciae's).
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -58,13 +59,16 @@ class InverseHessianVectorProductFactory(ABC):
 
 @dataclass(frozen=True)
 class ExactIHVPFactory(InverseHessianVectorProductFactory):
-    """Builds :class:`ExactIHVP` with the given damping."""
+    """Builds :class:`ExactIHVP` with the given damping and curvature."""
 
-    damping: float = 0.0
+    damping: "float | str" = "auto"
     show_progress: bool = True
+    curvature: str = "auto"
 
     def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> ExactIHVP:
-        return ExactIHVP(model, dataset, damping=self.damping, show_progress=self.show_progress)
+        return ExactIHVP(
+            model, dataset, damping=self.damping, show_progress=self.show_progress, curvature=self.curvature
+        )
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,16 @@ class CGDIHVPFactory(InverseHessianVectorProductFactory):
     """Builds :class:`ConjugateGradientDescentIHVP` with the given settings."""
 
     n_opt_iters: int = 100
-    damping: float = 0.0
+    damping: "float | str" = "auto"
     tolerance: float = 1e-5
     show_progress: bool = False
+    curvature: str = "auto"
+    preconditioner: str | None = None
 
     def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> ConjugateGradientDescentIHVP:
         return ConjugateGradientDescentIHVP(
-            model, dataset, self.n_opt_iters, self.damping, self.tolerance, show_progress=self.show_progress
+            model, dataset, self.n_opt_iters, self.damping, self.tolerance, show_progress=self.show_progress,
+            curvature=self.curvature, preconditioner=self.preconditioner,
         )
 
 
@@ -87,12 +94,17 @@ class LissaIHVPFactory(InverseHessianVectorProductFactory):
     """Builds :class:`LissaIHVP` with the given settings."""
 
     n_opt_iters: int = 100
-    damping: float = 1e-3
-    scale: float = 10.0
+    damping: "float | str" = "auto"
+    scale: "float | str" = "auto"
     show_progress: bool = False
+    curvature: str = "auto"
+    batches_per_iteration: int | None = None
 
     def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> LissaIHVP:
-        return LissaIHVP(model, dataset, self.n_opt_iters, self.damping, self.scale, show_progress=self.show_progress)
+        return LissaIHVP(
+            model, dataset, self.n_opt_iters, self.damping, self.scale, show_progress=self.show_progress,
+            curvature=self.curvature, batches_per_iteration=self.batches_per_iteration,
+        )
 
 
 @dataclass(frozen=True)
@@ -102,9 +114,10 @@ class ArnoldiIHVPFactory(InverseHessianVectorProductFactory):
     subspace_dim: int | None = None
     k_largest_eig_vals: int | None = None
     force_hermitian: bool = True
-    damping: float = 0.0
+    damping: "float | str" = "auto"
     seed: int = 0
     show_progress: bool = True
+    curvature: str = "auto"
 
     def build(self, model: InfluenceModel, dataset: tf.data.Dataset) -> ArnoldiIHVP:
         return ArnoldiIHVP(
@@ -116,6 +129,7 @@ class ArnoldiIHVPFactory(InverseHessianVectorProductFactory):
             damping=self.damping,
             seed=self.seed,
             show_progress=self.show_progress,
+            curvature=self.curvature,
         )
 
 

@@ -45,7 +45,8 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
     dtype
         Dtype of the Krylov basis and projections (``tf.float32`` or ``tf.float64``).
     damping
-        δ ≥ 0 added to the kept eigenvalues.
+        δ ≥ 0 added to the kept eigenvalues; ``'auto'`` (default): ``0.1 · tr(H) / P`` (see
+        :class:`~influence_lib.curvature.arnoldi.ArnoldiIHVP`).
     seed
         Seed of the Arnoldi start vector.
     show_progress
@@ -54,6 +55,8 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         What is explained on the query side: ``'loss'`` (default), ``'margin'`` or a callable
         ``(model_outputs, targets) -> (batch,)`` (see :mod:`influence_lib.model.measurement`).
         The training side always uses the loss.
+    curvature
+        ``'auto'`` (default: Gauss-Newton for built-in Keras losses), ``'ggn'`` or ``'hessian'``.
     strategy
         ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
         strategy in scope (see the "Scaling out" page of the documentation).
@@ -74,10 +77,11 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         force_hermitian: bool = True,
         k_largest_eig_vals: int | None = None,
         dtype: tf.DType = tf.float32,
-        damping: float = 0.0,
+        damping: "float | str" = "auto",
         seed: int = 0,
         show_progress: bool = True,
         measurement: "str | Measurement | None" = None,
+        curvature: str = "auto",
         strategy: "tf.distribute.Strategy | None" = None,
     ):
         if not isinstance(model, InfluenceModel):
@@ -98,6 +102,7 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
                 seed=seed,
                 dtype=dtype,
                 show_progress=show_progress,
+                curvature=curvature,
             )
         self.eig_vals = self.ihvp_calculator.eigenvalues
         self.G = self.ihvp_calculator.eigenvectors

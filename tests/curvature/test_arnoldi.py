@@ -63,7 +63,7 @@ def test_hessian_spectrum_is_spread(softmax):
 def test_full_subspace_reproduces_exact_inverse(softmax):
     influence_model, dataset, hessian, gradients = softmax
     nb_params = influence_model.nb_params
-    arnoldi = ArnoldiIHVP(influence_model, dataset, subspace_dim=nb_params, dtype=tf.float64, show_progress=False)
+    arnoldi = ArnoldiIHVP(influence_model, dataset, subspace_dim=nb_params, damping=0.0, dtype=tf.float64, show_progress=False)
     expected = np.linalg.solve(hessian, gradients[:10].T).T
     result = arnoldi.ihvp(gradients[:10]).numpy()
     np.testing.assert_allclose(result, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
@@ -77,7 +77,8 @@ def test_top_k_projection_matches_numpy_eigh(softmax, subspace_dim):
     influence_model, dataset, hessian, gradients = softmax
     k = 6
     arnoldi = ArnoldiIHVP(
-        influence_model, dataset, subspace_dim=subspace_dim, k_largest_eig_vals=k, dtype=tf.float64, show_progress=False
+        influence_model, dataset, subspace_dim=subspace_dim, k_largest_eig_vals=k, damping=0.0, dtype=tf.float64,
+        show_progress=False,
     )
     expected = _projected_inverse(hessian, gradients, k)
     wrong_end = _projected_inverse(hessian, gradients, k, largest=False)
@@ -92,7 +93,7 @@ def test_top_k_projection_matches_numpy_eigh(softmax, subspace_dim):
 def test_force_hermitian_false_gives_the_same_inverse(softmax):
     influence_model, dataset, hessian, gradients = softmax
     arnoldi = ArnoldiIHVP(
-        influence_model, dataset, subspace_dim=21, k_largest_eig_vals=8, force_hermitian=False, dtype=tf.float64,
+        influence_model, dataset, subspace_dim=21, k_largest_eig_vals=8, force_hermitian=False, damping=0.0, dtype=tf.float64,
         show_progress=False,
     )
     expected = _projected_inverse(hessian, gradients, 8)
@@ -143,7 +144,7 @@ def test_singular_hessian_uses_pseudo_inverse():
     """Without L2 the softmax Hessian is singular: the full-subspace Arnoldi IHVP is the pseudo-inverse."""
     influence_model, dataset, x, y = _softmax_problem(l2=0.0)
     hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y, l2=0.0)
-    arnoldi = ArnoldiIHVP(influence_model, dataset, subspace_dim=21, dtype=tf.float64, show_progress=False)
+    arnoldi = ArnoldiIHVP(influence_model, dataset, subspace_dim=21, damping=0.0, dtype=tf.float64, show_progress=False)
     eigenvalues, eigenvectors = np.linalg.eigh(hessian)
     kept = eigenvalues > 1e-6 * eigenvalues.max()
     pinv = (eigenvectors[:, kept] / eigenvalues[kept]) @ eigenvectors[:, kept].T
@@ -189,7 +190,7 @@ def test_zero_hessian_raises_singular_error():
         influence_model.model, loss_function=lambda y_true, y_pred: tf.reduce_sum(y_true * 0.0, axis=1)
     )
     with pytest.raises(SingularHessianError):
-        ArnoldiIHVP(constant_model, flat, subspace_dim=3, show_progress=False)
+        ArnoldiIHVP(constant_model, flat, subspace_dim=3, damping=0.0, show_progress=False)
 
 
 def test_wrong_vector_shape_raises(softmax):

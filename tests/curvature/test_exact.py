@@ -23,7 +23,7 @@ def test_hessian_matches_closed_form_softmax():
 
 def test_pseudo_inverse_on_singular_softmax_hessian():
     influence_model, dataset, x, y, kernel, bias = _softmax_setup()
-    ihvp = il.ExactIHVP(influence_model, dataset, show_progress=False)
+    ihvp = il.ExactIHVP(influence_model, dataset, damping=0.0, show_progress=False)
     gradients = rm.softmax_gradients(x, y, kernel, bias)
     expected = gradients @ rm.pseudo_inverse(rm.softmax_hessian(x, kernel, bias))
     result = ihvp.ihvp(gradients.astype(np.float32)).numpy()
@@ -45,7 +45,7 @@ def test_precomputed_hessian_and_influenciae_layout():
     influence_model = il.InfluenceModel(model, loss_function=keras.losses.MeanSquaredError(reduction=None))
     kernel, bias = [w.numpy() for w in influence_model.weights]
     hessian = rm.mse_hessian(x, outputs=2)
-    ihvp = il.ExactIHVP(influence_model, train_hessian=hessian.astype(np.float32))
+    ihvp = il.ExactIHVP(influence_model, train_hessian=hessian.astype(np.float32), damping=0.0)
     per_batch = list(ihvp.compute_ihvp(dataset))
     assert per_batch[0].shape == (influence_model.nb_params, 16)
     result = np.concatenate([batch.numpy() for batch in per_batch], axis=1)

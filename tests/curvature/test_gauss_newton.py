@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from influence_lib.curvature.exact import ExactIHVP
-from influence_lib.curvature.hessian import HessianOperator, gauss_newton_hessian
+from influence_lib.curvature.hessian import HessianOperator, closed_form_refusal, gauss_newton_hessian
 from influence_lib.model import InfluenceModel
 
 CCE = keras.losses.CategoricalCrossentropy(reduction=None)
@@ -82,17 +82,46 @@ def test_sparse_logits_on_sequences_with_label_smoothing_equivalent():
     np.testing.assert_allclose(gauss_newton_hessian(smoothed, one_hot), gauss_newton, atol=1e-6)
 
 
-def test_exact_ihvp_with_gauss_newton_equals_exact():
+def test_exact_ihvp_uses_the_closed_form_where_it_is_exact():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(20, 4)).astype(np.float32)
     y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 20)]
     influence_model = InfluenceModel(mlp())
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-    exact = ExactIHVP(influence_model, dataset, damping=1e-2, show_progress=False)
-    closed = ExactIHVP(influence_model, dataset, damping=1e-2, show_progress=False, hessian="gauss_newton")
-    np.testing.assert_allclose(closed.hessian, exact.hessian, atol=1e-6)
-    vectors = influence_model.batch_jacobian_tensor((x[:3], y[:3]))
-    np.testing.assert_allclose(closed.ihvp(vectors), exact.ihvp(vectors), rtol=1e-3, atol=1e-4)
+    assert closed_form_refusal(influence_model) is None
+    exact = ExactIHVP(influence_model, dataset, damping=1e-2, show_progress=False, curvature="hessian")
+    second_derivatives = HessianOperator(influence_model, dataset, curvature="hessian").dense().numpy()
+    np.testing.assert_allclose(exact.hessian, second_derivatives, atol=1e-6)
+    expected = np.linalg.inv(second_derivatives.astype(np.float64) + 1e-2 * np.eye(influence_model.nb_params))
+    np.testing.assert_allclose(exact.inv_hessian, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("case", ["sigmoid", "binary_logits", "mse"])
+def test_closed_form_for_sigmoid_cross_entropy_and_mse_equals_second_derivatives(case):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(9, 4)).astype(np.float32)
+    if case == "mse":
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        loss = keras.losses.MeanSquaredError(reduction=None)
+        y = rng.normal(size=(9, 2)).astype(np.float32)
+    else:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="sigmoid" if case == "sigmoid" else None)])
+        loss = keras.losses.BinaryCrossentropy(from_logits=case == "binary_logits", label_smoothing=0.1, reduction=None)
+        y = rng.integers(0, 2, (9, 2)).astype(np.float32)
+    sample_weight = rng.uniform(0.5, 2.0, 9).astype(np.float32)
+    influence_model = InfluenceModel(model, loss_function=loss)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, sample_weight)).batch(4)
+    closed = gauss_newton_hessian(influence_model, dataset).numpy()
+    np.testing.assert_allclose(closed, HessianOperator(influence_model, dataset, curvature="hessian").dense(), atol=1e-5)
+    features = np.concatenate([x, np.ones((9, 1))], axis=1).astype(np.float64)
+    if case == "mse":
+        blocks = np.broadcast_to(np.eye(2), (9, 2, 2)) * 2.0 / 2
+    else:
+        kernel, bias = [w.astype(np.float64) for w in model.layers[0].get_weights()]
+        p = 1.0 / (1.0 + np.exp(-(features[:, :4] @ kernel + bias)))
+        blocks = np.einsum("nc,cd->ncd", p * (1 - p) / 2, np.eye(2))
+    expected = sum(w * np.kron(np.outer(a, a), b) for w, a, b in zip(sample_weight, features, blocks)) / 9
+    np.testing.assert_allclose(closed, expected, atol=1e-5)
 
 
 def test_refuses_what_it_cannot_do_exactly():
@@ -103,9 +132,8 @@ def test_refuses_what_it_cannot_do_exactly():
     model = mlp()
     cases = {
         "watched layers": InfluenceModel(model, 0, 1),
-        "not \\(Sparse\\)CategoricalCrossentropy": InfluenceModel(
-            model, loss_function=keras.losses.MeanSquaredError(reduction=None)
-        ),
+        "needs 'linear'": InfluenceModel(model, loss_function=keras.losses.MeanSquaredError(reduction=None)),
+        "not one of": InfluenceModel(model, loss_function=keras.losses.KLDivergence(reduction=None)),
         "not the layer producing": InfluenceModel(
             keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Activation("softmax")])
         ),
@@ -129,8 +157,34 @@ def test_refuses_what_it_cannot_do_exactly():
     with pytest.raises(ValueError, match="cannot be identified"):
         gauss_newton_hessian(InfluenceModel(subclassed), dataset)
 
-    influence_model = InfluenceModel(model)
-    with pytest.raises(ValueError, match="hessian must be 'exact' or 'gauss_newton'"):
-        ExactIHVP(influence_model, dataset, hessian="gn")
-    with pytest.raises(ValueError, match="give train_dataset"):
-        ExactIHVP(influence_model, train_hessian=np.eye(influence_model.nb_params), hessian="gauss_newton")
+
+def test_earlier_hessian_argument_still_works():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 6)]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
+    head = InfluenceModel(mlp())
+    closed = ExactIHVP(head, dataset, damping=0.1, show_progress=False, hessian="gauss_newton")
+    exact = ExactIHVP(head, dataset, damping=0.1, show_progress=False, hessian="exact")
+    assert exact.curvature == "hessian"
+    np.testing.assert_allclose(closed.hessian, HessianOperator(head, dataset, curvature="hessian").dense(), atol=1e-6)
+    np.testing.assert_allclose(exact.hessian, closed.hessian, atol=1e-6)
+    with pytest.raises(ValueError, match="hessian='gauss_newton'.*watched layers"):
+        ExactIHVP(InfluenceModel(mlp(), 0, 1), dataset, show_progress=False, hessian="gauss_newton")
+    with pytest.raises(ValueError, match="hessian must be"):
+        ExactIHVP(head, dataset, hessian="gn")
+
+
+def test_kronecker_sum_streams_rows_in_chunks():
+    """Σ_r (f fᵀ) ⊗ B_r with a budget of 7 rows per product, fed in uneven pieces, equals NumPy's kron sum."""
+    from influence_lib.curvature.hessian import _KroneckerSum
+
+    rng = np.random.default_rng(6)
+    features = rng.normal(size=(23, 4))
+    factors = rng.normal(size=(23, 3, 3))
+    blocks = factors @ np.transpose(factors, (0, 2, 1))
+    accumulator = _KroneckerSum(4, 3, budget=7 * 4 * 3)
+    for start, stop in [(0, 5), (5, 6), (6, 20), (20, 23)]:
+        accumulator.add(tf.constant(features[start:stop]), tf.constant(blocks[start:stop]))
+    expected = sum(np.kron(np.outer(f, f), b) for f, b in zip(features, blocks))
+    np.testing.assert_allclose(accumulator.result(), expected, rtol=1e-12, atol=1e-12)

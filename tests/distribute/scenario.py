@@ -105,7 +105,9 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
         out[f"{name}/pairwise"] = _pairwise(calculator.estimate_influence_values_in_batches(test, train))
         out[f"{name}/top_k_values"], out[f"{name}/top_k_indices"] = _top_k(calculator.top_k(test, train, K))
 
-    exact = il.FirstOrderInfluenceCalculator(model, train, "exact", show_progress=False, strategy=strategy)
+    # damping=0: the test compares with the pseudo-inverse (the default damping='auto' would damp it).
+    undamped = ExactIHVPFactory(damping=0.0, show_progress=False)
+    exact = il.FirstOrderInfluenceCalculator(model, train, undamped, show_progress=False, strategy=strategy)
     calculator_outputs("exact", exact)
     out["exact/hessian"] = exact.ihvp_calculator.hessian.numpy()
     with strategy.scope() if strategy is not None else contextlib.nullcontext():

@@ -38,7 +38,7 @@ def fitted():
     influence_model, x, y = _softmax_problem()
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     calculator = ArnoldiInfluenceCalculator(
-        influence_model, train, subspace_dim=18, k_largest_eig_vals=7, dtype=tf.float64, show_progress=False
+        influence_model, train, subspace_dim=18, k_largest_eig_vals=7, dtype=tf.float64, damping=0.0, show_progress=False
     )
     hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y)
     return calculator, train, x, y, hessian, gradients
@@ -84,7 +84,7 @@ def test_influence_vectors_are_k_dimensional_and_cached_on_disk(fitted, tmp_path
 def test_full_subspace_equals_exact_influence():
     influence_model, x, y = _softmax_problem(n=32)
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
-    calculator = ArnoldiInfluenceCalculator(influence_model, train, subspace_dim=21, show_progress=False)
+    calculator = ArnoldiInfluenceCalculator(influence_model, train, subspace_dim=21, damping=0.0, show_progress=False)
     hessian, gradients = _numpy_hessian_and_gradients(influence_model, x, y)
     values = extract_only_values(calculator.compute_influence_values(train)).numpy()
     expected = np.einsum("np,pq,nq->n", gradients, np.linalg.inv(hessian), gradients)

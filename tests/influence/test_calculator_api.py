@@ -19,7 +19,9 @@ def problem():
     y_test = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 5)]
     inverse = rm.pseudo_inverse(rm.softmax_hessian(x, kernel, bias))
     g_train, g_test = rm.softmax_gradients(x, y, kernel, bias), rm.softmax_gradients(x_test, y_test, kernel, bias)
-    calculator = il.FirstOrderInfluenceCalculator(influence_model, train, show_progress=False)
+    # The reference is the pseudo-inverse: damping 0 (Influenciae's behaviour), not the default damping='auto'.
+    undamped = il.ExactIHVPFactory(damping=0.0, show_progress=False)
+    calculator = il.FirstOrderInfluenceCalculator(influence_model, train, undamped, show_progress=False)
     return {
         "calculator": calculator, "train": train, "x": x, "y": y,
         "test": tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(2),

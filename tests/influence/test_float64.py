@@ -91,7 +91,9 @@ def regression():
 
 
 def _calculator(problem):
-    return il.FirstOrderInfluenceCalculator(problem["model"], problem["train"], show_progress=False)
+    # The reference is the pseudo-inverse: damping 0 (Influenciae's behaviour), not the default damping='auto'.
+    undamped = il.ExactIHVPFactory(damping=0.0, show_progress=False)
+    return il.FirstOrderInfluenceCalculator(problem["model"], problem["train"], undamped, show_progress=False)
 
 
 def test_first_order_self_influence_is_float64(regression):

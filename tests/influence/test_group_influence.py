@@ -9,9 +9,12 @@ import reference_math as rm
 import tensorflow as tf
 
 from influence_lib.common.errors import NonFiniteError
+from influence_lib.curvature import ExactIHVPFactory
 from influence_lib.influence import FirstOrderInfluenceCalculator
 
 L2 = 1e-2
+# The references and retraining are undamped: damping 0, not the default damping='auto'.
+UNDAMPED = ExactIHVPFactory(damping=0.0, show_progress=False)
 N, D = 120, 4
 
 
@@ -49,7 +52,7 @@ def _dataset(x, y, indices, batch_size):
 def problem():
     influence_model, x, y, hessian, gradients = _logistic_problem()
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
-    calculator = FirstOrderInfluenceCalculator(influence_model, train, show_progress=False)
+    calculator = FirstOrderInfluenceCalculator(influence_model, train, ihvp_calculator=UNDAMPED, show_progress=False)
     return calculator, x, y, hessian, gradients
 
 
@@ -96,7 +99,9 @@ def test_singleton_group_is_the_individual_influence_and_default_is_self(problem
 def test_relatif_normalizes_the_summed_vector():
     influence_model, x, y, hessian, gradients = _logistic_problem()
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
-    calculator = FirstOrderInfluenceCalculator(influence_model, train, normalize=True, show_progress=False)
+    calculator = FirstOrderInfluenceCalculator(
+        influence_model, train, ihvp_calculator=UNDAMPED, normalize=True, show_progress=False
+    )
     group, evaluated = np.arange(10, 25), np.arange(70, 80)
     summed = np.linalg.solve(hessian, gradients[group].sum(0))
     expected = gradients[evaluated].sum(0) @ summed / np.linalg.norm(summed)

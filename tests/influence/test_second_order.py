@@ -10,9 +10,12 @@ import pytest
 import reference_math as rm
 import tensorflow as tf
 
+from influence_lib.curvature import CGDIHVPFactory, ExactIHVPFactory
 from influence_lib.influence import FirstOrderInfluenceCalculator, SecondOrderInfluenceCalculator
 
 L2 = 1e-2
+# The closed forms and retraining are undamped: damping 0, not the default damping='auto'.
+UNDAMPED = ExactIHVPFactory(damping=0.0, show_progress=False)
 N, D = 200, 5
 
 
@@ -54,8 +57,8 @@ def problem():
     influence_model = rm.regularized_logistic_model(theta, L2)
     x32, y32 = x.astype(np.float32), labels.astype(np.float32)[:, None]
     train = tf.data.Dataset.from_tensor_slices((x32, y32)).batch(64)
-    second = SecondOrderInfluenceCalculator(influence_model, train, show_progress=False)
-    first = FirstOrderInfluenceCalculator(influence_model, train, show_progress=False)
+    second = SecondOrderInfluenceCalculator(influence_model, train, ihvp_calculator=UNDAMPED, show_progress=False)
+    first = FirstOrderInfluenceCalculator(influence_model, train, ihvp_calculator=UNDAMPED, show_progress=False)
     x_test = rng.normal(size=(60, D))
     y_test = (rng.random(60) < 1.0 / (1.0 + np.exp(-2.0 * x_test @ direction))).astype(np.float64)
     return {
@@ -146,7 +149,8 @@ def test_iterative_ihvp_gives_the_same_answer(problem):
     group = _coherent_group(problem, 0.2)
     group_ds = _dataset(problem["x"][group], problem["y"][group], 16)
     cgd = SecondOrderInfluenceCalculator(
-        problem["second"].model, problem["second"].train_set, ihvp_calculator="cgd", show_progress=False
+        problem["second"].model, problem["second"].train_set, ihvp_calculator=CGDIHVPFactory(damping=0.0),
+        show_progress=False,
     )
     exact = problem["second"].compute_influence_vector_group(group_ds).numpy()
     np.testing.assert_allclose(
