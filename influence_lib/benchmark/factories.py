@@ -148,6 +148,9 @@ class FirstOrderFactory(CalculatorFactory):
         How the exact solver builds ``H``: ``'gauss_newton'`` (closed form for a last Dense layer
         under softmax cross-entropy, where it equals the Hessian), ``'exact'`` (jacobian of the
         gradient, any model) or ``'auto'`` (the closed form where it applies, else exact).
+    curvature
+        The curvature CG and LiSSA invert (see :class:`~influence_lib.curvature.factory.CGDIHVPFactory`):
+        ``'auto'``, ``'ggn'`` (Gauss-Newton products) or ``'hessian'``.
     """
 
     ihvp: str = "exact"
@@ -159,6 +162,7 @@ class FirstOrderFactory(CalculatorFactory):
     n_samples_for_hessian: int | None = None
     normalize: bool = False
     hessian: str = "auto"
+    curvature: str = "auto"
 
     def _exact_ihvp(self, model: InfluenceModel, hessian_set: tf.data.Dataset) -> ExactIHVP:
         if self.hessian not in ("auto", "exact", "gauss_newton"):
@@ -175,8 +179,8 @@ class FirstOrderFactory(CalculatorFactory):
     def _ihvp_factory(self) -> InverseHessianVectorProductFactory:
         factories = {
             "exact": ExactIHVPFactory(self.damping, show_progress=False),
-            "cgd": CGDIHVPFactory(self.n_opt_iters, self.damping),
-            "lissa": LissaIHVPFactory(self.n_opt_iters, self.damping, self.lissa_scale),
+            "cgd": CGDIHVPFactory(self.n_opt_iters, self.damping, curvature=self.curvature),
+            "lissa": LissaIHVPFactory(self.n_opt_iters, self.damping, self.lissa_scale, curvature=self.curvature),
             "kfac": KFACIHVPFactory(self.damping, show_progress=False),
             "ekfac": KFACIHVPFactory(self.damping, corrected_eigenvalues=True, show_progress=False),
         }
@@ -440,6 +444,11 @@ METHODS: dict[str, MethodFactory] = {
     "first_order_cg": FirstOrderFactory("cgd", damping=1e-2, n_opt_iters=30, n_samples_for_hessian=512),
     "first_order_lissa": FirstOrderFactory("lissa", damping=1e-2, n_opt_iters=100, n_samples_for_hessian=512),
     "first_order_arnoldi": ArnoldiFactory(),
+    "first_order_cg_all": FirstOrderFactory(
+        "cgd", damping="auto", start_layer=0, last_layer=-1, n_opt_iters=30, n_samples_for_hessian=512, curvature="ggn"
+    ),
+    "first_order_kfac": FirstOrderFactory("kfac", damping="heuristic", start_layer=0, last_layer=-1),
+    "first_order_ekfac": FirstOrderFactory("ekfac", damping="heuristic", start_layer=0, last_layer=-1),
     "relatif": FirstOrderFactory("exact", normalize=True),
     "tracin": TracInFactory(),
     "trak": TRAKFactory(),
