@@ -25,7 +25,7 @@ ROOT = SCENARIO.parents[2]
 TIMEOUT_S = 240
 EVERY_CALCULATOR = {
     "exact", "cg", "arnoldi", "lissa", "gauss_newton", "tracin", "representer_l2", "representer_lje",
-    "boundary_sample", "boundary_weights", "group", "scoped_model",
+    "boundary_sample", "boundary_weights", "group", "scoped_model", "kfac", "ekfac",
 }
 
 
@@ -94,10 +94,35 @@ def _single_device_is_right(results: dict) -> None:
     np.testing.assert_array_equal(results["single/exact/top_k_indices"], order)
 
 
+def _kronecker_factors_are_right(results: dict) -> None:
+    """The one-device K-FAC factors of the two-layer network match float64 NumPy: ``A = mean ā āᵀ`` (inputs with a
+    1 appended for the bias), ``S = mean δ δᵀ`` (δ: loss gradient with respect to the layer's outputs)."""
+    _, _, x, y = rm.softmax_regression(n=29, d=4, c=3, seed=5, batch_size=7)
+    w1, b1, w2 = (results[f"single/kfac/weight_{index}"].astype(np.float64) for index in range(3))
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    hidden = np.tanh(x @ w1 + b1)
+    probabilities = rm.softmax(hidden @ w2)
+    delta_out = probabilities - y  # cross-entropy on softmax outputs: gradient w.r.t. the logits
+    delta_hidden = (delta_out @ w2.T) * (1.0 - hidden**2)
+    inputs = np.hstack([x, np.ones((len(x), 1))])
+    expected = {
+        "a_0": inputs.T @ inputs, "s_0": delta_hidden.T @ delta_hidden,
+        "a_1": hidden.T @ hidden, "s_1": delta_out.T @ delta_out,
+    }
+    for name, value in expected.items():
+        np.testing.assert_allclose(results[f"single/kfac/{name}"], value / len(x), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(results[f"single/ekfac/{name}"], value / len(x), rtol=1e-4, atol=1e-6)
+
+
 def test_mirrored_strategy_over_two_devices_gives_the_one_device_numbers(tmp_path):
     output = tmp_path / "mirrored.npz"
     results = _check(_start(output, "mirrored"), output)
     _single_device_is_right(results)
+    _kronecker_factors_are_right(results)
+    # The factor passes (A and S; EK-FAC's eigenvalues too) summed the replicas' shards.
+    for name, passes in (("kfac", 1), ("ekfac", 2)):
+        np.testing.assert_array_equal(results[f"mirrored/{name}/fit_shard_rows"], ([3, 4] * 4 + [1, 1]) * passes)
+        np.testing.assert_array_equal(results[f"single/{name}/fit_shard_rows"], [7, 7, 7, 7, 1] * passes)
     # Batches of 7, 7, 7, 7, 1 rows: shards of 3 and 4 rows, then none and 1 (the first replica computes a copy of
     # the last row for the output's shape and drops it).
     np.testing.assert_array_equal(results["mirrored/shard_rows"], [[3, 4]] * 4 + [[1, 1]])
