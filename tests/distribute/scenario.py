@@ -173,6 +173,19 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     second = il.SecondOrderInfluenceCalculator(model, train, show_progress=False, strategy=strategy)
     out["group/second_order"] = second.estimate_influence_values_group(group, test).numpy()
     out.update(kronecker_outputs(deep, train, test, strategy))
+    calculator_outputs("graddot", il.GradDot(model, show_progress=False, strategy=strategy))
+    calculator_outputs("gradcos", il.GradCos(model, show_progress=False, strategy=strategy))
+    deep_model = il.InfluenceModel(deep, start_layer=0, last_layer=1)
+    with _summed_shard_rows() as rows:
+        trak = il.TRAK(deep_model, train, il.Projection(8, seed=1), show_progress=False, strategy=strategy)
+    out["trak/fit_shard_rows"] = np.array(rows)
+    calculator_outputs("trak", trak)
+    out["trak/kernel"] = trak.kernels[0].numpy()
+    store = os.path.join(os.environ["SCENARIO_CACHE"], "trak_" + ("single" if strategy is None else "distributed"))
+    stored = il.TRAK(deep_model, train, il.Projection(8, seed=1), feature_store=store, show_progress=False,
+                     strategy=strategy)
+    calculator_outputs("trak_store", stored)
+    out["trak_store/kernel"] = stored.kernels[0].numpy()
     return out
 
 

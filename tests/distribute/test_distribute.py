@@ -26,6 +26,7 @@ TIMEOUT_S = 240
 EVERY_CALCULATOR = {
     "exact", "cg", "arnoldi", "lissa", "gauss_newton", "tracin", "representer_l2", "representer_lje",
     "boundary_sample", "boundary_weights", "group", "scoped_model", "kfac", "ekfac",
+    "graddot", "gradcos", "trak", "trak_store",
 }
 
 
@@ -92,6 +93,10 @@ def _single_device_is_right(results: dict) -> None:
     np.testing.assert_allclose(results["single/exact/self"], self_influence, rtol=2e-3)
     order = np.argsort(-pairwise, axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(results["single/exact/top_k_indices"], order)
+    if "single/graddot/pairwise" in results:
+        dots = g_test @ g_train.T
+        np.testing.assert_allclose(results["single/graddot/pairwise"], dots, rtol=1e-4, atol=1e-5 * np.abs(dots).max())
+        np.testing.assert_allclose(results["single/graddot/self"], np.sum(g_train**2, axis=1), rtol=1e-4)
 
 
 def _kronecker_factors_are_right(results: dict) -> None:
@@ -119,8 +124,8 @@ def test_mirrored_strategy_over_two_devices_gives_the_one_device_numbers(tmp_pat
     results = _check(_start(output, "mirrored"), output)
     _single_device_is_right(results)
     _kronecker_factors_are_right(results)
-    # The factor passes (A and S; EK-FAC's eigenvalues too) summed the replicas' shards.
-    for name, passes in (("kfac", 1), ("ekfac", 2)):
+    # The factor passes (A and S; EK-FAC's eigenvalues too) and TRAK's Gram pass summed the replicas' shards.
+    for name, passes in (("kfac", 1), ("ekfac", 2), ("trak", 1)):
         np.testing.assert_array_equal(results[f"mirrored/{name}/fit_shard_rows"], ([3, 4] * 4 + [1, 1]) * passes)
         np.testing.assert_array_equal(results[f"single/{name}/fit_shard_rows"], [7, 7, 7, 7, 1] * passes)
     # Batches of 7, 7, 7, 7, 1 rows: shards of 3 and 4 rows, then none and 1 (the first replica computes a copy of
