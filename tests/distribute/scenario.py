@@ -7,7 +7,7 @@ every calculator on the same tiny problems and saves their outputs:
   under the key ``single/NAME`` and with a ``MirroredStrategy`` over both under ``mirrored/NAME``.
 * ``single``: one device, keys ``single/NAME``.
 * ``multiworker``: one worker of a ``MultiWorkerMirroredStrategy`` (``TF_CONFIG`` set by the test);
-  the outputs of first-order, Arnoldi and TracIn go under ``multiworker/NAME``, and worker 0 adds
+  the outputs of first-order, Arnoldi, TracIn and EK-FAC go under ``multiworker/NAME``, and worker 0 adds
   the same outputs computed in one process as ``single/NAME``.
 
 Influence vectors saved to disk go under the directory ``SCENARIO_CACHE`` (environment).
@@ -144,6 +144,7 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
         gauss_newton = il.ExactIHVP(model, train, hessian="gauss_newton", show_progress=False)
     out["gauss_newton/hessian"] = gauss_newton.hessian.numpy()
     if not every_calculator:
+        out.update(kronecker_outputs(deep, train, test, strategy, ("ekfac",)))
         return out
 
     with il.using_strategy(strategy):
@@ -189,14 +190,16 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     return out
 
 
-def kronecker_outputs(deep, train: tf.data.Dataset, test: tf.data.Dataset, strategy) -> dict[str, np.ndarray]:
+def kronecker_outputs(
+    deep, train: tf.data.Dataset, test: tf.data.Dataset, strategy, names: tuple[str, ...] = ("kfac", "ekfac")
+) -> dict[str, np.ndarray]:
     """K-FAC and EK-FAC on both layers of ``deep``: factors ``A``, ``S``, eigenvalues (EK-FAC's corrected ones),
     self-influence, pairwise values and top-k; plus ``deep``'s weights for the float64 check of the factors."""
     import influence_lib as il
 
     deep_model = il.InfluenceModel(deep, start_layer=0, last_layer=1)
-    out = {f"kfac/weight_{index}": weight.numpy() for index, weight in enumerate(deep.weights)}
-    for name in ("kfac", "ekfac"):
+    out = {f"{names[0]}/weight_{index}": weight.numpy() for index, weight in enumerate(deep.weights)}
+    for name in names:
         with _summed_shard_rows() as rows:
             calculator = il.KroneckerInfluenceCalculator(deep_model, train, name, show_progress=False, strategy=strategy)
         out[f"{name}/fit_shard_rows"] = np.array(rows)
