@@ -25,14 +25,15 @@ def label_message(label, classes: int) -> str:
     )
 
 
-def assert_that(condition: tf.Tensor, *parts) -> None:
+def assert_that(condition: tf.Tensor, *parts) -> tf.Operation | None:
     """Check ``condition``: eagerly raise ``ValueError(" ".join(parts))`` at once; in a graph add a marked
-    ``tf.debugging.Assert`` whose failure :func:`converted_error` turns into that ``ValueError``."""
+    ``tf.debugging.Assert`` whose failure :func:`converted_error` turns into that ``ValueError``, and return
+    it (for a control dependency: computations that must not run on bad values wait for it)."""
     if tf.executing_eagerly():
         if not bool(condition):
             raise ValueError(" ".join(str(part.numpy() if hasattr(part, "numpy") else part) for part in parts))
-        return
-    tf.debugging.Assert(condition, [_START, *parts, _END], summarize=4)
+        return None
+    return tf.debugging.Assert(condition, [_START, *parts, _END], summarize=4)
 
 
 def converted_error(error: tf.errors.InvalidArgumentError) -> ValueError | None:

@@ -30,16 +30,23 @@ Cost: one forward and backward pass over the data for ``A`` and ``S`` (and one m
 ``Λ``), memory ``Σ_l (d_a² + d_s²)`` (plus ``d_a·d_s`` for ``Λ``) whatever the dataset size; one
 IHVP costs ``O(d_a² d_s + d_a d_s²)`` per layer. Factors can be saved per layer and reloaded
 (:mod:`influence_lib.curvature.kfac_storage`).
+
+Under a ``tf.distribute`` strategy every batch of both passes is split across the replicas and the
+per-replica sums (``Σ ā āᵀ``, ``Σ δ δᵀ``, ``Σ (Q_Aᵀ G Q_S)²``) are all-reduced
+(:meth:`~influence_lib.common.distribute.DataParallel.sum_rows`, as for Hessian-vector products),
+so every worker ends with the factors of the whole dataset.
 """
 import numpy as np
 import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import Batch, batch_size_of, iterate_batches
+from ..common.distribute import check_strategy, data_parallel, local_variable, using_strategy
 from ..common.errors import NonFiniteError
 from ..common.progress import known_cardinality, progress
 from ..model.influence_model import InfluenceModel
 from .base import InverseHessianVectorProduct, check_damping
+from .hessian import check_workers_agree
 from .kfac_storage import LayerFactors, fit_with_store
 from .kronecker_blocks import KroneckerBlock, kronecker_blocks
 from .true_fisher import check_fisher, true_fisher_model
@@ -102,6 +109,12 @@ class KFACIHVP(InverseHessianVectorProduct):
         raising.
     show_progress
         Progress bars over the data passes.
+    strategy
+        ``tf.distribute`` strategy whose replicas share the data passes (per-replica sums
+        all-reduced); ``None`` uses the strategy in scope (see the "Scaling out" page). With
+        ``fisher='true'`` each replica samples the labels of its own shard, so the factors equal
+        the one-device ones in distribution, not sample for sample. Under a multi-worker strategy
+        ``factors_path`` gets one ``worker_INDEX`` subdirectory per worker.
 
     Attributes
     ----------
@@ -125,20 +138,25 @@ class KFACIHVP(InverseHessianVectorProduct):
         factors_path: str | None = None,
         overwrite: bool = False,
         show_progress: bool = True,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
         super().__init__(model, train_dataset, 0.0)
+        self.strategy = check_strategy(strategy)
         self.damping = check_kfac_damping(damping)
         self.fisher = check_fisher(fisher, model)
         self.seed = int(seed)
         self.show_progress = show_progress
         self.blocks = kronecker_blocks(model)
         model.check_dataset(train_dataset, "train_dataset")
-        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        with using_strategy(strategy):
+            self.parallel = data_parallel()
+        check_workers_agree(self.parallel, model, train_dataset)
+        self._step = local_variable(tf.constant(0, tf.int64))
         self._fisher_model = model if fisher == "empirical" else true_fisher_model(model, self.seed, self._step)
         if factors_path is None:
             self.factors = self._fit()
         else:
-            self.factors = fit_with_store(self, factors_path, overwrite)
+            self.factors = fit_with_store(self, self.parallel.worker_path(factors_path), overwrite)
         self._prepare()
 
     @property
@@ -194,7 +212,7 @@ class KFACIHVP(InverseHessianVectorProduct):
         """First pass: ``A`` and ``S`` of every layer, averaged over the training samples (float64)."""
         totals, count = None, 0
         for batch in self._batches("K-FAC factors", 0):
-            sums = self._batch_covariances(batch)
+            sums = self.parallel.sum_rows(self._batch_covariances, batch)
             sums = [(a.numpy().astype(np.float64), s.numpy().astype(np.float64)) for a, s in sums]
             totals = sums if totals is None else [(ta + a, ts + s) for (ta, ts), (a, s) in zip(totals, sums)]
             count += batch_size_of(batch)
@@ -244,7 +262,8 @@ class KFACIHVP(InverseHessianVectorProduct):
         s_vectors = [tf.constant(f.s_eigenvectors, dtype) for f in factors]
         totals, count = None, 0
         for batch in self._batches("EK-FAC eigenvalues", 1):
-            sums = [value.numpy().astype(np.float64) for value in self._batch_eigenvalues(batch, a_vectors, s_vectors)]
+            batch_sums = self.parallel.sum_rows(self._batch_eigenvalues, batch, a_vectors, s_vectors)
+            sums = [value.numpy().astype(np.float64) for value in batch_sums]
             totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
             count += batch_size_of(batch)
         return [total / count for total in totals]

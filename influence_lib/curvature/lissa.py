@@ -91,8 +91,8 @@ class LissaIHVP(IterativeIHVP):
         curvature: str = "auto",
         batches_per_iteration: int | None = None,
     ):
-        if scale != "auto" and (isinstance(scale, str) or not float(scale) > 0):
-            raise ValueError(f"scale must be > 0 or 'auto', got {scale!r}.")
+        if scale != "auto" and (isinstance(scale, str) or not (np.isfinite(float(scale)) and float(scale) > 0)):
+            raise ValueError(f"scale must be a finite number > 0 or 'auto', got {scale!r}.")
         if batches_per_iteration is not None and (
             isinstance(batches_per_iteration, bool) or not isinstance(batches_per_iteration, int) or batches_per_iteration < 1
         ):

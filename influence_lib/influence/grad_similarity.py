@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import Batch
+from ..common.distribute import check_strategy
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
 from ..model.projection import GradientProjector, Projection
@@ -40,6 +41,9 @@ class GradDot(BaseInfluenceCalculator):
         ``(model_outputs, targets) -> (batch,)``. The training side always uses the loss.
     show_progress
         Show progress bars.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
     """
 
     normalized = False
@@ -50,11 +54,13 @@ class GradDot(BaseInfluenceCalculator):
         projection: Projection | None = None,
         measurement: "str | Measurement | None" = None,
         show_progress: bool = True,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
         if not isinstance(model, InfluenceModel):
             raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
         if projection is not None and not isinstance(projection, Projection):
             raise TypeError(f"projection must be a Projection or None, got {type(projection).__name__}.")
+        self.strategy = check_strategy(strategy)
         self.model = model
         self.projection = projection
         self.show_progress = show_progress

@@ -68,6 +68,10 @@ class KroneckerInfluenceCalculator(FirstOrderInfluenceCalculator):
     measurement
         What is explained on the query side: ``'loss'`` (default), ``'margin'`` or a callable
         ``(model_outputs, targets) -> (batch,)`` (see :mod:`influence_lib.model.measurement`).
+    strategy
+        ``tf.distribute`` strategy to run on: the factor passes sum per-replica contributions and
+        the scoring passes split each batch across the replicas; ``None`` uses the strategy in
+        scope (see the "Scaling out" page of the documentation).
 
     Notes
     -----
@@ -87,11 +91,12 @@ class KroneckerInfluenceCalculator(FirstOrderInfluenceCalculator):
         show_progress: bool = True,
         seed: int = 0,
         measurement: "str | Measurement | None" = None,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
         self.query_rank = check_query_rank(query_rank)
         super().__init__(
             model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size,
-            normalize=False, show_progress=show_progress, seed=seed, measurement=measurement,
+            normalize=False, show_progress=show_progress, seed=seed, measurement=measurement, strategy=strategy,
         )
         if not isinstance(self.ihvp_calculator, KFACIHVP):
             raise TypeError(

@@ -21,7 +21,10 @@ gradients themselves.
 The kernel ``(Φ_mᵀΦ_m + λI)⁻¹`` needs every training feature once: the training set is passed
 at construction and featurized batch by batch (memory ``O(batch · k + k²)`` per model),
 optionally into a resumable :class:`~influence_lib.common.storage.ShardStore` on disk that is
-reused for scoring the same training set. Here the influence vector of ``z`` is
+reused for scoring the same training set. Under a ``tf.distribute`` strategy each batch is split
+across the replicas: each replica forms the Gram terms ``Σ_i φ_m(z_i)φ_m(z_i)ᵀ`` of its shard and
+they are all-reduced (with a feature store, the features are all-gathered in row order and
+written by every worker under its own ``worker_INDEX`` subdirectory). Here the influence vector of ``z`` is
 ``ψ(z) = concat_m (Φ_mᵀΦ_m + λI)⁻¹ φ_m(z) · q̄(z)/M`` and the preprocessed sample to evaluate
 ``concat_m φ_m(t)``.
 """
@@ -33,6 +36,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import Batch, batch_size_of, iterate_batches
+from ..common.distribute import check_strategy, data_parallel
 from ..common.progress import known_cardinality, progress
 from ..common.storage import ShardStore, fingerprint_dataset, fingerprint_variables
 from ..model.influence_model import InfluenceModel
@@ -101,6 +105,9 @@ class TRAK(BaseInfluenceCalculator):
         features back instead of recomputing them. ``None``: nothing is written.
     show_progress
         Show progress bars.
+    strategy
+        ``tf.distribute`` strategy to run on (data-parallel over its replicas); ``None`` uses the
+        strategy in scope (see the "Scaling out" page of the documentation).
 
     Attributes
     ----------
@@ -119,8 +126,10 @@ class TRAK(BaseInfluenceCalculator):
         measurement: "str | Measurement" = "margin",
         feature_store: str | None = None,
         show_progress: bool = True,
+        strategy: "tf.distribute.Strategy | None" = None,
     ):
         self.models = _check_models(models)
+        self.strategy = check_strategy(strategy)
         if projection is not None and not isinstance(projection, Projection):
             raise TypeError(f"projection must be a Projection or None, got {type(projection).__name__}.")
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not np.isfinite(damping) \
@@ -140,7 +149,9 @@ class TRAK(BaseInfluenceCalculator):
         ]
         self.models[0].check_dataset(train_set, "train_set")
         fingerprint = None if feature_store is None else self._fingerprint(train_set)
-        self._store = None if fingerprint is None else ShardStore(feature_store, fingerprint, "TRAK features")
+        self._store = None if fingerprint is None else ShardStore(
+            data_parallel(self.strategy).worker_path(feature_store), fingerprint, "TRAK features"
+        )
         self._train_fingerprint = None if fingerprint is None else fingerprint["data"]
         self.kernels = self._fit_kernels(train_set)
         self._stacked_kernels = tf.stack(self.kernels)
@@ -155,6 +166,7 @@ class TRAK(BaseInfluenceCalculator):
         measurement: "str | Measurement" = "margin",
         feature_store: str | None = None,
         show_progress: bool = True,
+        strategy: "tf.distribute.Strategy | None" = None,
         **influence_model_kwargs,
     ) -> "TRAK":
         """TRAK over Keras models (an ensemble), each wrapped in an :class:`InfluenceModel`.
@@ -163,7 +175,7 @@ class TRAK(BaseInfluenceCalculator):
         ----------
         models
             Keras models of the same architecture (independently trained, or checkpoints).
-        train_set, projection, damping, measurement, feature_store, show_progress
+        train_set, projection, damping, measurement, feature_store, show_progress, strategy
             As for :class:`TRAK`.
         **influence_model_kwargs
             Passed to every :class:`InfluenceModel` (``start_layer``, ``loss_function``, ...).
@@ -174,7 +186,7 @@ class TRAK(BaseInfluenceCalculator):
             if not isinstance(model, keras.Model):
                 raise TypeError(f"models must contain keras.Model objects, got {type(model).__name__}.")
         wrapped = [InfluenceModel(model, **influence_model_kwargs) for model in models]
-        return cls(wrapped, train_set, projection, damping, measurement, feature_store, show_progress)
+        return cls(wrapped, train_set, projection, damping, measurement, feature_store, show_progress, strategy)
 
     @classmethod
     def from_checkpoints(
@@ -187,6 +199,7 @@ class TRAK(BaseInfluenceCalculator):
         measurement: "str | Measurement" = "margin",
         feature_store: str | None = None,
         show_progress: bool = True,
+        strategy: "tf.distribute.Strategy | None" = None,
         **influence_model_kwargs,
     ) -> "TRAK":
         """TRAK over checkpoints of one training run (``.weights.h5`` files saved from ``model``'s architecture).
@@ -200,7 +213,7 @@ class TRAK(BaseInfluenceCalculator):
             A model with the architecture the weights were saved from.
         paths
             The weight files.
-        train_set, projection, damping, measurement, feature_store, show_progress
+        train_set, projection, damping, measurement, feature_store, show_progress, strategy
             As for :class:`TRAK`.
         **influence_model_kwargs
             Passed to every :class:`InfluenceModel`.
@@ -215,7 +228,7 @@ class TRAK(BaseInfluenceCalculator):
             clone.load_weights(path)
             clones.append(clone)
         return cls.from_models(clones, train_set, projection, damping, measurement, feature_store, show_progress,
-                               **influence_model_kwargs)
+                               strategy, **influence_model_kwargs)
 
     @property
     def dimension(self) -> int:
@@ -272,18 +285,25 @@ class TRAK(BaseInfluenceCalculator):
             weights = tf.ones([tf.shape(features[0])[0]], tf.float32)
         return tf.stack(features, axis=1), tf.cast(weights, features[0].dtype)
 
+    @compiled_method
+    def _batch_gram(self, batch: Batch) -> tf.Tensor:
+        """``Σ_i φ_m(z_i) φ_m(z_i)ᵀ`` over the samples of one batch, per model, float64 ``(M, k, k)``."""
+        features = tf.cast(self.features_tensor(batch)[0], tf.float64)
+        return tf.einsum("bmi,bmj->mij", features, features)
+
+    def _training_batches(self, train_set: tf.data.Dataset, desc: str):
+        return progress(iterate_batches(train_set, "train_set"), self.show_progress, desc, known_cardinality(train_set))
+
     def _feature_batches(self, train_set: tf.data.Dataset, desc: str):
         """``(batch, features, weights)`` of the training set, read from the store where present."""
-        batches = progress(
-            iterate_batches(train_set, "train_set"), self.show_progress, desc, known_cardinality(train_set)
-        )
-        for index, batch in enumerate(batches):
+        parallel = data_parallel(self.strategy)
+        for index, batch in enumerate(self._training_batches(train_set, desc)):
             name = _shard_name(index)
             if self._store is not None and self._store.has(name):
                 shard = self._store.read(name)
                 features, weights = tf.constant(shard["features"]), tf.constant(shard["weights"])
             else:
-                features, weights = self.features_tensor(batch)
+                features, weights = parallel.map_rows(self.features_tensor, batch)
                 if self._store is not None:
                     self._store.write(name, features=features.numpy(), weights=weights.numpy())
             if features.shape[0] != batch_size_of(batch):
@@ -294,14 +314,19 @@ class TRAK(BaseInfluenceCalculator):
             yield batch, features, weights
 
     def _fit_kernels(self, train_set: tf.data.Dataset) -> list[tf.Tensor]:
-        """``(Φ_mᵀΦ_m + λI)⁻¹`` per model, accumulated in float64 over the training set."""
+        """``(Φ_mᵀΦ_m + λI)⁻¹`` per model, accumulated in float64 over the training set (per-replica Gram
+        terms all-reduced; with a feature store, from the stored features)."""
         gram = tf.zeros([len(self.models), self.dimension, self.dimension], tf.float64)
-        count = 0
-        for _, features, _ in self._feature_batches(train_set, "TRAK features"):
-            features = tf.cast(features, tf.float64)
-            gram += tf.einsum("bmi,bmj->mij", features, features)
-            count += int(features.shape[0])
-        if self._store is not None:
+        if self._store is None:
+            parallel = data_parallel(self.strategy)
+            for batch in self._training_batches(train_set, "TRAK features"):
+                gram += parallel.sum_rows(self._batch_gram, batch)
+        else:
+            count = 0
+            for _, features, _ in self._feature_batches(train_set, "TRAK features"):
+                features = tf.cast(features, tf.float64)
+                gram += tf.einsum("bmi,bmj->mij", features, features)
+                count += int(features.shape[0])
             self._store.mark_complete(samples=count)
         if self.damping > 0:
             return list(tf.unstack(tf.linalg.inv(gram + self.damping * tf.eye(self.dimension, dtype=tf.float64))))

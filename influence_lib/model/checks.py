@@ -6,7 +6,7 @@
   (a loss reduced with ``keepdims`` returns ``(1,)``; a flattened ``batch × classes`` vector
   does not fit either);
 * a sample weight must hold one value per sample;
-* integer (sparse) class labels must lie in ``[0, classes)``.
+* integer (sparse) class labels must lie in ``[0, classes)`` (:func:`check_targets`, before the loss runs).
 
 Each is checked on static shapes when they are known (a ``ValueError`` while tracing, i.e. at the
 first batch) and otherwise by a marked runtime assertion
@@ -58,17 +58,17 @@ def _check_sample_weight(sample_weight, batch_static, batch) -> None:
           "values for a batch of", batch, f"samples. {fix}")
 
 
-def _check_sparse_labels(targets, outputs) -> None:
+def _check_sparse_labels(targets, outputs) -> tf.Operation | None:
     if not isinstance(targets, tf.Tensor) or not isinstance(outputs, tf.Tensor) or not targets.dtype.is_integer:
-        return
+        return None
     if outputs.shape.rank is None or targets.shape.rank is None or outputs.shape.rank < 2:
-        return
+        return None
     classes = outputs.shape[-1]
     sparse = targets.shape.rank == outputs.shape.rank - 1 or (
         targets.shape.rank == outputs.shape.rank and targets.shape[-1] == 1
     )
     if classes is None or classes < 2 or not sparse:
-        return
+        return None
     labels = tf.reshape(targets, [-1])
     out_of_range = tf.logical_or(labels < 0, labels >= classes)
     first_bad = tf.gather(labels, tf.argmax(tf.cast(out_of_range, tf.int32), output_type=tf.int32))
@@ -76,12 +76,25 @@ def _check_sparse_labels(targets, outputs) -> None:
     if tf.executing_eagerly():
         if not bool(valid):
             raise ValueError(label_message(int(first_bad), classes))
-        return
+        return None
     prefix, suffix = label_message("LABEL", classes).split("LABEL")
-    assert_that(valid, prefix.strip(), first_bad, suffix.strip())
+    return assert_that(valid, prefix.strip(), first_bad, suffix.strip())
 
 
-def check_per_sample_loss(losses: tf.Tensor, outputs, targets, sample_weight) -> tf.Tensor:
+def check_targets(targets, outputs):
+    """``targets`` after checking that integer (sparse) class labels lie in ``[0, classes)``.
+
+    In a graph the returned targets depend on the check, so the loss never runs on a bad label
+    (on a GPU an out-of-range ``gather`` would silently read zeros instead of failing).
+    """
+    check = _check_sparse_labels(targets, tf.nest.flatten(outputs)[0])
+    if check is None:
+        return targets
+    with tf.control_dependencies([check]):
+        return tf.identity(targets)
+
+
+def check_per_sample_loss(losses: tf.Tensor, outputs, sample_weight) -> tf.Tensor:
     """Check one batch's per-sample ``losses`` (see the module docstring) and return them.
 
     Parameters
@@ -90,8 +103,8 @@ def check_per_sample_loss(losses: tf.Tensor, outputs, targets, sample_weight) ->
         What the loss function returned, reduced to rank 1 over the non-batch axes.
     outputs
         The model's outputs (a nested structure for multi-output models: its first leaf gives the batch size).
-    targets, sample_weight
-        The batch's targets and sample weight (or ``None``).
+    sample_weight
+        The batch's sample weight (or ``None``).
 
     Raises
     ------
@@ -103,5 +116,4 @@ def check_per_sample_loss(losses: tf.Tensor, outputs, targets, sample_weight) ->
     batch_static, batch = _leading(first_output)
     _check_losses(losses, batch_static, batch)
     _check_sample_weight(sample_weight, batch_static, batch)
-    _check_sparse_labels(targets, first_output)
     return losses

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import Batch, check_dataset, iterate_batches
-from .checks import check_per_sample_loss
+from .checks import check_per_sample_loss, check_targets
 from .layer_recorder import LayerRecorder, Recording
 from .layer_rules import LayerCall, rule_for
 from .layer_selection import closed_form_units, select_layers
@@ -328,6 +328,7 @@ class InfluenceModel:
             lambda out: tf.cast(out, self.dtype) if out.dtype in _LOW_PRECISION + _COMPUTE_DTYPES else out, outputs
         )
         check_batch_fits(self.loss_function, targets, outputs)
+        targets = check_targets(targets, outputs)
         losses = loss_in_dtype(self._loss_path.loss, self.dtype)(targets, outputs)
         if losses.shape.rank == 0:
             raise ValueError(
@@ -336,7 +337,7 @@ class InfluenceModel:
             )
         if losses.shape.rank > 1:
             losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
-        losses = check_per_sample_loss(losses, outputs, targets, sample_weight)
+        losses = check_per_sample_loss(losses, outputs, sample_weight)
         if sample_weight is not None:
             losses = losses * tf.cast(tf.reshape(sample_weight, [-1]), losses.dtype)
         return tf.cast(losses, self.dtype)

@@ -130,6 +130,14 @@ def _compiled_loss(model: keras.Model) -> Callable | None:
 
 def _default_loss(model: keras.Model) -> Callable:
     """A cross-entropy matching the output layer (Influenciae's probability-space one when unseen)."""
+    outputs = getattr(model, "outputs", None)
+    if outputs and len(outputs) > 1:
+        raise ValueError(
+            f"The model has {len(outputs)} outputs and was not compiled with a loss: the default cross-entropy "
+            "explains one output. Pass loss_function=... a callable loss(y_true, y_pred) -> (batch,) over the "
+            "model's outputs (e.g. the sum of a per-output loss), or wrap the output to explain: "
+            "keras.Model(model.inputs, model.outputs[i])."
+        )
     activation, size = output_activation(model), _output_size(model)
     if activation == "sigmoid":
         return keras.losses.BinaryCrossentropy(reduction=None)

@@ -7,7 +7,7 @@ every calculator on the same tiny problems and saves their outputs:
   under the key ``single/NAME`` and with a ``MirroredStrategy`` over both under ``mirrored/NAME``.
 * ``single``: one device, keys ``single/NAME``.
 * ``multiworker``: one worker of a ``MultiWorkerMirroredStrategy`` (``TF_CONFIG`` set by the test);
-  the outputs of first-order, Arnoldi and TracIn go under ``multiworker/NAME``, and worker 0 adds
+  the outputs of first-order, Arnoldi, TracIn and EK-FAC go under ``multiworker/NAME``, and worker 0 adds
   the same outputs computed in one process as ``single/NAME``.
 
 Influence vectors saved to disk go under the directory ``SCENARIO_CACHE`` (environment).
@@ -80,6 +80,28 @@ def _shard_rows(strategy: tf.distribute.Strategy | None, train: tf.data.Dataset)
     return np.array(rows)
 
 
+@contextlib.contextmanager
+def _summed_shard_rows():
+    """Record the rows of every shard that ``DataParallel.sum_rows`` hands to its function inside the block."""
+    from influence_lib import DataParallel
+    from influence_lib.common.datasets import batch_size_of
+
+    original, rows = DataParallel.sum_rows, []
+
+    def recording(self, function, batch, *args):
+        def recorded(shard, *rest):
+            rows.append(batch_size_of(shard))
+            return function(shard, *rest)
+
+        return original(self, recorded, batch, *args)
+
+    DataParallel.sum_rows = recording
+    try:
+        yield rows
+    finally:
+        DataParallel.sum_rows = original
+
+
 def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = True) -> dict[str, np.ndarray]:
     """The outputs compared by the tests, computed under ``strategy`` (None: one device).
 
@@ -122,6 +144,7 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
         gauss_newton = il.ExactIHVP(model, train, hessian="gauss_newton", show_progress=False)
     out["gauss_newton/hessian"] = gauss_newton.hessian.numpy()
     if not every_calculator:
+        out.update(kronecker_outputs(deep, train, test, strategy, ("ekfac",)))
         return out
 
     with il.using_strategy(strategy):
@@ -150,6 +173,42 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     out["group/first_order"] = exact.estimate_influence_values_group(group, test).numpy()
     second = il.SecondOrderInfluenceCalculator(model, train, show_progress=False, strategy=strategy)
     out["group/second_order"] = second.estimate_influence_values_group(group, test).numpy()
+    out.update(kronecker_outputs(deep, train, test, strategy))
+    calculator_outputs("graddot", il.GradDot(model, show_progress=False, strategy=strategy))
+    calculator_outputs("gradcos", il.GradCos(model, show_progress=False, strategy=strategy))
+    deep_model = il.InfluenceModel(deep, start_layer=0, last_layer=1)
+    with _summed_shard_rows() as rows:
+        trak = il.TRAK(deep_model, train, il.Projection(8, seed=1), show_progress=False, strategy=strategy)
+    out["trak/fit_shard_rows"] = np.array(rows)
+    calculator_outputs("trak", trak)
+    out["trak/kernel"] = trak.kernels[0].numpy()
+    store = os.path.join(os.environ["SCENARIO_CACHE"], "trak_" + ("single" if strategy is None else "distributed"))
+    stored = il.TRAK(deep_model, train, il.Projection(8, seed=1), feature_store=store, show_progress=False,
+                     strategy=strategy)
+    calculator_outputs("trak_store", stored)
+    out["trak_store/kernel"] = stored.kernels[0].numpy()
+    return out
+
+
+def kronecker_outputs(
+    deep, train: tf.data.Dataset, test: tf.data.Dataset, strategy, names: tuple[str, ...] = ("kfac", "ekfac")
+) -> dict[str, np.ndarray]:
+    """K-FAC and EK-FAC on both layers of ``deep``: factors ``A``, ``S``, eigenvalues (EK-FAC's corrected ones),
+    self-influence, pairwise values and top-k; plus ``deep``'s weights for the float64 check of the factors."""
+    import influence_lib as il
+
+    deep_model = il.InfluenceModel(deep, start_layer=0, last_layer=1)
+    out = {f"{names[0]}/weight_{index}": weight.numpy() for index, weight in enumerate(deep.weights)}
+    for name in names:
+        with _summed_shard_rows() as rows:
+            calculator = il.KroneckerInfluenceCalculator(deep_model, train, name, show_progress=False, strategy=strategy)
+        out[f"{name}/fit_shard_rows"] = np.array(rows)
+        out[f"{name}/self"] = il.extract_only_values(calculator.compute_influence_values(train)).numpy()
+        out[f"{name}/pairwise"] = _pairwise(calculator.estimate_influence_values_in_batches(test, train))
+        out[f"{name}/top_k_values"], out[f"{name}/top_k_indices"] = _top_k(calculator.top_k(test, train, K))
+        for index, factors in enumerate(calculator.ihvp_calculator.factors):
+            out[f"{name}/a_{index}"], out[f"{name}/s_{index}"] = factors.a_covariance, factors.s_covariance
+            out[f"{name}/eigenvalues_{index}"] = factors.eigenvalues
     return out
 
 

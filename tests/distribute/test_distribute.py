@@ -25,7 +25,8 @@ ROOT = SCENARIO.parents[2]
 TIMEOUT_S = 240
 EVERY_CALCULATOR = {
     "exact", "cg", "arnoldi", "lissa", "gauss_newton", "tracin", "representer_l2", "representer_lje",
-    "boundary_sample", "boundary_weights", "group", "scoped_model",
+    "boundary_sample", "boundary_weights", "group", "scoped_model", "kfac", "ekfac",
+    "graddot", "gradcos", "trak", "trak_store",
 }
 
 
@@ -92,12 +93,42 @@ def _single_device_is_right(results: dict) -> None:
     np.testing.assert_allclose(results["single/exact/self"], self_influence, rtol=2e-3)
     order = np.argsort(-pairwise, axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(results["single/exact/top_k_indices"], order)
+    if "single/graddot/pairwise" in results:
+        dots = g_test @ g_train.T
+        np.testing.assert_allclose(results["single/graddot/pairwise"], dots, rtol=1e-4, atol=1e-5 * np.abs(dots).max())
+        np.testing.assert_allclose(results["single/graddot/self"], np.sum(g_train**2, axis=1), rtol=1e-4)
+
+
+def _kronecker_factors_are_right(results: dict) -> None:
+    """The one-device K-FAC factors of the two-layer network match float64 NumPy: ``A = mean ā āᵀ`` (inputs with a
+    1 appended for the bias), ``S = mean δ δᵀ`` (δ: loss gradient with respect to the layer's outputs)."""
+    _, _, x, y = rm.softmax_regression(n=29, d=4, c=3, seed=5, batch_size=7)
+    names = [name for name in ("kfac", "ekfac") if f"single/{name}/a_0" in results]
+    w1, b1, w2 = (results[f"single/{names[0]}/weight_{index}"].astype(np.float64) for index in range(3))
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    hidden = np.tanh(x @ w1 + b1)
+    probabilities = rm.softmax(hidden @ w2)
+    delta_out = probabilities - y  # cross-entropy on softmax outputs: gradient w.r.t. the logits
+    delta_hidden = (delta_out @ w2.T) * (1.0 - hidden**2)
+    inputs = np.hstack([x, np.ones((len(x), 1))])
+    expected = {
+        "a_0": inputs.T @ inputs, "s_0": delta_hidden.T @ delta_hidden,
+        "a_1": hidden.T @ hidden, "s_1": delta_out.T @ delta_out,
+    }
+    for name, value in expected.items():
+        for method in names:
+            np.testing.assert_allclose(results[f"single/{method}/{name}"], value / len(x), rtol=1e-4, atol=1e-6)
 
 
 def test_mirrored_strategy_over_two_devices_gives_the_one_device_numbers(tmp_path):
     output = tmp_path / "mirrored.npz"
     results = _check(_start(output, "mirrored"), output)
     _single_device_is_right(results)
+    _kronecker_factors_are_right(results)
+    # The factor passes (A and S; EK-FAC's eigenvalues too) and TRAK's Gram pass summed the replicas' shards.
+    for name, passes in (("kfac", 1), ("ekfac", 2), ("trak", 1)):
+        np.testing.assert_array_equal(results[f"mirrored/{name}/fit_shard_rows"], ([3, 4] * 4 + [1, 1]) * passes)
+        np.testing.assert_array_equal(results[f"single/{name}/fit_shard_rows"], [7, 7, 7, 7, 1] * passes)
     # Batches of 7, 7, 7, 7, 1 rows: shards of 3 and 4 rows, then none and 1 (the first replica computes a copy of
     # the last row for the output's shape and drops it).
     np.testing.assert_array_equal(results["mirrored/shard_rows"], [[3, 4]] * 4 + [[1, 1]])
@@ -130,12 +161,15 @@ def test_multi_worker_strategy_over_two_processes_gives_the_one_process_numbers(
     # Both workers saved their influence vectors under the same path, each in its own directory.
     assert sorted(os.listdir(tmp_path / "cache" / "distributed")) == ["worker_0", "worker_1"]
     _single_device_is_right(workers[0])
+    _kronecker_factors_are_right(workers[0])
     expected = {k[len("single/"):]: v for k, v in workers[0].items() if k.startswith("single/")}
     for index, worker in enumerate(workers):
         # Each worker computes the rows of its own replica: 3 (worker 0) or 4 (worker 1) of every batch of 7; the
         # last batch's single row belongs to worker 1, worker 0 computes a copy of it and drops it.
         np.testing.assert_array_equal(worker["multiworker/shard_rows"], [[3 + index]] * 4 + [[1]])
-        _assert_same(expected, worker, "multiworker", {"exact", "arnoldi", "tracin", "gauss_newton"})
+        _assert_same(expected, worker, "multiworker", {"exact", "arnoldi", "tracin", "gauss_newton", "ekfac"})
+        # EK-FAC's two factor passes summed this worker's rows of every batch across the workers.
+        np.testing.assert_array_equal(worker["multiworker/ekfac/fit_shard_rows"], ([3 + index] * 4 + [1]) * 2)
         # Different weights, or the same samples in another order, are refused on every worker.
         weights, data = worker["refusals"]
         assert "The watched weights differ between the workers of the cluster: every worker must load" in weights
@@ -168,3 +202,14 @@ def test_a_strategy_that_is_not_one_is_refused_with_its_type():
     with pytest.raises(TypeError, match="got int"):
         with il.using_strategy(2):
             pass
+    influence_model = il.InfluenceModel(model)
+    refusals = {
+        "EKFACIHVP": lambda: il.EKFACIHVP(influence_model, train, show_progress=False, strategy="mirrored"),
+        "KroneckerInfluenceCalculator": lambda: il.KroneckerInfluenceCalculator(
+            influence_model, train, show_progress=False, strategy="mirrored"),
+        "TRAK": lambda: il.TRAK(influence_model, train, None, show_progress=False, strategy="mirrored"),
+        "GradCos": lambda: il.GradCos(influence_model, show_progress=False, strategy="mirrored"),
+    }
+    for name, build in refusals.items():
+        with pytest.raises(TypeError, match="strategy must be a tf.distribute.Strategy.*got str"):
+            build()

@@ -230,6 +230,12 @@ def test_infinite_or_negative_damping_is_named_as_the_problem(softmax, solver, d
         solver(*softmax, damping=damping)
 
 
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, -1.0, "large"])
+def test_lissa_scale_must_be_finite_and_positive(softmax, scale):
+    with pytest.raises(ValueError, match=r"scale must be a finite number > 0 or 'auto'"):
+        il.LissaIHVP(*softmax, scale=scale)
+
+
 def test_shuffle_buffer_size_must_be_an_integer(softmax):
     with pytest.raises(ValueError, match="shuffle_buffer_size must be a positive integer"):
         il.FirstOrderInfluenceCalculator(*softmax, n_samples_for_hessian=8, shuffle_buffer_size=100.5,

@@ -184,3 +184,24 @@ def test_integer_labels_with_the_compiled_sparse_loss_match_numpy():
     np.testing.assert_allclose(
         il.InfluenceModel(model).batch_jacobian(dataset).numpy(), softmax_gradients(x, one_hot, kernel, bias), atol=1e-5
     )
+
+
+def test_multi_output_model_needs_a_loss_and_works_with_one():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, [keras.layers.Dense(2, activation="softmax")(inputs), keras.layers.Dense(1)(inputs)])
+    with pytest.raises(ValueError, match=r"has 2 outputs and was not compiled with a loss.*loss_function="):
+        il.InfluenceModel(model, start_layer=-1)
+    with pytest.raises(TypeError, match="loss_function must be a Keras loss identifier .* got int"):
+        il.InfluenceModel(model, loss_function=3)
+
+    def summed(y_true, y_pred):
+        return tf.reduce_sum(tf.square(y_pred[1] - y_true[1]), axis=-1)
+
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    y = (np.eye(2, dtype=np.float32)[[0, 1, 0, 1]], np.ones((4, 1), np.float32))
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(2)
+    influence_model = il.InfluenceModel(model, start_layer=-1, loss_function=summed)
+    kernel, bias = [w.numpy().astype(np.float64) for w in influence_model.weights]
+    residual = x.astype(np.float64) @ kernel + bias - 1.0
+    expected = np.concatenate([(2 * x[:, :, None] * residual[:, None, :]).reshape(4, -1), 2 * residual], axis=1)
+    np.testing.assert_allclose(influence_model.batch_jacobian(dataset).numpy(), expected, rtol=1e-4, atol=1e-5)
