@@ -107,9 +107,6 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         self.eig_vals = self.ihvp_calculator.eigenvalues
         self.G = self.ihvp_calculator.eigenvectors
 
-    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
-        self.model.check_dataset(dataset, name)
-
     def _cache_fingerprint(self) -> dict:
         arnoldi = self.ihvp_calculator
         return {

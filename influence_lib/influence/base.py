@@ -160,16 +160,26 @@ class SelfInfluenceCalculator(ABC):
     strategy: "tf.distribute.Strategy | None" = None
 
     @property
+    def _primary_model(self):
+        """The model whose dtype the results carry and whose inputs datasets are checked against: ``self.model``
+        (an :class:`InfluenceModel` or a Keras model); calculators over several models return their first."""
+        return getattr(self, "model", None)
+
+    @property
     def value_dtype(self) -> tf.DType:
         """dtype of every value and influence vector returned: float64 for a float64 model, else float32."""
-        return result_dtype(self.model)
+        return result_dtype(self._primary_model)
 
     @abstractmethod
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
         """Self-influence of each sample of one batch, shape ``(batch,)``."""
 
     def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
-        check_dataset(dataset, name)
+        model = self._primary_model
+        if isinstance(model, InfluenceModel):
+            model.check_dataset(dataset, name)
+        else:
+            check_dataset(dataset, name)
 
     def _check_train_set(self, train_set: tf.data.Dataset) -> None:
         """The dataset checks of :meth:`_check_dataset`, and a fixed iteration order (indices are positions)."""

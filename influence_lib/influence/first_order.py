@@ -119,9 +119,6 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, FirstOrderGroupInfl
         self.show_progress = show_progress
         self.query_model = model.with_measurement(measurement)
 
-    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
-        self.model.check_dataset(dataset, name)
-
     def _cache_fingerprint(self) -> dict:
         return {
             **super()._cache_fingerprint(),

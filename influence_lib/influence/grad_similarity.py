@@ -71,9 +71,6 @@ class GradDot(BaseInfluenceCalculator):
             self._projector = GradientProjector(model, projection)
             self._query_projector = GradientProjector(self.query_model, projection)
 
-    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
-        self.model.check_dataset(dataset, name)
-
     def _cache_fingerprint(self) -> dict:
         return {
             **super()._cache_fingerprint(),

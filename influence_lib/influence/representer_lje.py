@@ -155,11 +155,8 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
         return (features, targets) if sample_weight is None else (features, targets, sample_weight)
 
     @property
-    def value_dtype(self) -> tf.DType:
-        return self.influence_model.dtype
-
-    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
-        self.influence_model.check_dataset(dataset, name)
+    def _primary_model(self) -> InfluenceModel:
+        return self.influence_model
 
     def _cache_fingerprint(self) -> dict:
         return {

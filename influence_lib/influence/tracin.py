@@ -294,12 +294,9 @@ class TracIn(BaseInfluenceCalculator):
             influence_model_kwargs, projection,
         )
 
-    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
-        self.models[0].check_dataset(dataset, name)
-
     @property
-    def value_dtype(self) -> tf.DType:
-        return self.models[0].dtype
+    def _primary_model(self) -> InfluenceModel:
+        return self.models[0]
 
     def _cache_fingerprint(self) -> dict:
         return {

@@ -245,12 +245,9 @@ class TRAK(BaseInfluenceCalculator):
                 self.measurement, "__qualname__", type(self.measurement).__name__),
         }
 
-    def _check_dataset(self, dataset: tf.data.Dataset, name: str) -> None:
-        self.models[0].check_dataset(dataset, name)
-
     @property
-    def value_dtype(self) -> tf.DType:
-        return self.models[0].dtype
+    def _primary_model(self) -> InfluenceModel:
+        return self.models[0]
 
     def _cache_fingerprint(self) -> dict:
         return {
