@@ -12,6 +12,7 @@ from enum import Enum
 
 import tensorflow as tf
 
+from ..common.progress import quieted
 from ..model.influence_model import InfluenceModel
 from .arnoldi import ArnoldiIHVP
 from .base import InverseHessianVectorProduct
@@ -167,7 +168,7 @@ def make_ihvp(
             raise ValueError("The IHVP calculator was built for another InfluenceModel than the calculator's.")
         return calculator
     if isinstance(calculator, InverseHessianVectorProductFactory):
-        return calculator.build(model, dataset)
+        return quieted(calculator, show_progress).build(model, dataset)
     if isinstance(calculator, str):
         calculator = IHVPCalculator.from_string(calculator)
     if isinstance(calculator, IHVPCalculator):
