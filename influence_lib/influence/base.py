@@ -155,15 +155,8 @@ class _TemporaryCache:
 def _writing(path: str, what: str) -> Iterator[str]:
     """A temporary directory swapped in at ``path`` once complete (:func:`atomic_directory`); TensorFlow's
     file errors become an ``OSError`` naming ``path``."""
-    marker = ".influence_lib_result"
-    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, marker)):
-        raise ValueError(
-            f"{path!r} exists and holds files that are not influence_lib {what} (saving would delete them): "
-            "choose a new or empty directory."
-        )
     try:
-        with atomic_directory(path) as temporary:
-            open(os.path.join(temporary, marker), "w", encoding="utf-8").close()
+        with atomic_directory(path, what) as temporary:
             yield temporary
     except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError, tf.errors.NotFoundError,
             tf.errors.ResourceExhaustedError, tf.errors.DataLossError) as error:
