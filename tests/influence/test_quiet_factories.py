@@ -1,7 +1,10 @@
 """``show_progress=False`` on a calculator also silences the IHVP calculator it builds from a factory."""
 import dataclasses
 
+import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
 import influence_lib as il
 from influence_lib.common import progress as progress_module
@@ -38,6 +41,17 @@ def test_first_order_with_a_factory_shows_no_bar_when_asked(bars):
     assert factory.show_progress is True
     il.FirstOrderInfluenceCalculator(influence_model, dataset, factory, show_progress=True)
     assert bars, "the factory's own show_progress=True shows the Hessian bar when the calculator shows bars"
+
+
+def test_representer_lje_with_a_factory_shows_no_bar_when_asked(bars):
+    model = keras.Sequential([
+        keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2, activation="softmax", use_bias=False),
+    ])
+    x = np.random.normal(size=(12, 3)).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[np.arange(12) % 2]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(6)
+    il.RepresenterPointLJE(il.InfluenceModel(model), dataset, ExactIHVPFactory(damping=0.01), show_progress=False)
+    assert bars == []
 
 
 def test_quieted_copies_only_dataclasses_with_the_field():
