@@ -333,7 +333,7 @@ def _refusals(strategy: tf.distribute.Strategy) -> list[str]:
     samples in another order)."""
     import influence_lib as il
 
-    model, train, _, checkpoints, _ = _problems()
+    model, train, test, checkpoints, _ = _problems()
     messages = []
     if strategy.cluster_resolver.task_id == 1:
         model.model.layers[-1].bias.assign(model.model.layers[-1].bias + 1.0)
@@ -348,6 +348,15 @@ def _refusals(strategy: tf.distribute.Strategy) -> list[str]:
     try:
         il.extract_only_values(tracin.compute_influence_values(shuffled))
     except ValueError as error:
+        messages.append(str(error))
+    # A NaN input at index 12 (second batch, rows 10-13 on worker 1): its influence vector, held by worker 1 only,
+    # is refused on both workers (worker 0 would otherwise wait for worker 1 in the next collective).
+    x, y = (np.concatenate([tensor.numpy() for tensor in parts]) for parts in zip(*train))
+    x[12, 0] = np.nan
+    broken = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    try:
+        il.GradDot(model, show_progress=False, strategy=strategy).top_k(test, broken, K)
+    except il.NonFiniteError as error:
         messages.append(str(error))
     return messages
 

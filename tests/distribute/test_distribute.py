@@ -207,9 +207,12 @@ def test_multi_worker_strategy_over_two_processes_gives_the_one_process_numbers(
         # EK-FAC's two factor passes summed this worker's rows of every batch across the workers.
         np.testing.assert_array_equal(worker["multiworker/ekfac/fit_shard_rows"], ([3 + index] * 4 + [1]) * 2)
         # Different weights, or the same samples in another order, are refused on every worker.
-        weights, data = worker["refusals"]
+        weights, data, not_finite = worker["refusals"]
         assert "The watched weights differ between the workers of the cluster: every worker must load" in weights
         assert "The first training batches differ between the workers of the cluster: every worker must" in data
+        # A NaN influence vector computed on worker 1 only is refused by both, naming its index.
+        assert "In the training batch starting at sample 7: Influence vectors are NaN or infinite for the " \
+            "samples at indices [12]" in not_finite
 
 
 @pytest.mark.parametrize("size, replicas", [(7, 2), (1, 2), (10, 3), (0, 4), (5, 8)])
