@@ -160,6 +160,10 @@ def sharding_outputs(strategy: tf.distribute.Strategy | None, exact) -> dict[str
     finally:
         del os.environ[BUDGET_VARIABLE]
     out["exact/over_budget_warnings"] = np.array(sum("budget" in str(w.message) for w in caught))
+    no_cache = il.CACHE.NO_CACHE  # the vectors recomputed, still split, for every batch to evaluate
+    out["exact/no_cache_pairwise"] = _pairwise(exact.estimate_influence_values_in_batches(test, train, no_cache))
+    values, indices = _top_k(exact.top_k(test, train, K, il.ORDER.ASCENDING, influence_vector_in_cache=no_cache))
+    out["exact/no_cache_bottom_k_values"], out["exact/no_cache_bottom_k_indices"] = values, indices
     tie_model, tie_train, _, _ = ties_problem()
     graddot = il.GradDot(tie_model, show_progress=False, strategy=strategy)
     with _merged_candidates() as counts:
