@@ -52,7 +52,7 @@ from ..common.errors import NonFiniteError
 from ..common.memory import memory_budget_bytes, warn_over_budget
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
-from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
+from ..common.top_k import ShardedTopK, StreamingTopK, TopK, check_top_k_arguments
 from ..common.storage import ShardStore, atomic_directory, fingerprint_dataset, fingerprint_variables
 from ..common.vector_cache import open_vectors, read_vectors, save_vectors
 from ..model.influence_model import InfluenceModel, compute_dtype_of
@@ -98,6 +98,27 @@ def _check_finite(values: tf.Tensor, first_index: int, what: str) -> tf.Tensor:
 
 def _as_vector(values: tf.Tensor) -> tf.Tensor:
     return values if values.shape.rank == 1 else tf.reshape(values, [-1])
+
+
+def _as_row(values: tf.Tensor) -> tf.Tensor:
+    """Self-influence values ``(rows,)`` as the scores of one query, ``(1, rows)``."""
+    return values[None]
+
+
+def _finite_shards(
+    shards: RowShards, convert: Callable[[tf.Tensor], tf.Tensor], first_index: int, what: str
+) -> RowShards:
+    """``shards`` with ``convert`` applied to each part, refused on every worker if any worker's rows hold a NaN
+    or an infinity (the indices are agreed across workers: a worker raising alone would leave the others
+    waiting in their next collective)."""
+    parts = [convert(part) for part in shards.parts]
+    bad = [
+        index
+        for part, (start, _) in zip(parts, shards.local_bounds)
+        for index in _non_finite_rows(part, first_index + start)
+    ]
+    _raise_non_finite(shards.parallel.union_across_workers(bad), what)
+    return RowShards(shards.parallel, parts, shards.size)
 
 
 @contextmanager
@@ -198,7 +219,11 @@ class SelfInfluenceCalculator(ABC):
         self._check_dataset(train_set, "train_set")
         check_fixed_order(train_set, "train_set")
 
-    def _self_influence_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+    def _self_influence_batches(
+        self, train_set: tf.data.Dataset, sharded: bool = False
+    ) -> Iterator[tuple[Batch, "tf.Tensor | RowShards"]]:
+        """``(batch, values)`` of ``train_set``; with ``sharded`` under a strategy, the values stay on the replicas
+        that computed them (a :class:`RowShards` of this worker's rows)."""
         parallel = data_parallel(self.strategy)
         offset = 0
         batches = progress(
@@ -208,9 +233,17 @@ class SelfInfluenceCalculator(ABC):
             if offset == 0:
                 parallel.check_identical(batch, "The first training batches", SAME_DATA)
             with _located(offset):
-                values = parallel.map_rows(self._compute_influence_value_from_batch, batch)
-                values = tf.cast(_as_vector(values), self.value_dtype)
-            yield batch, _check_finite(values, offset, "Self-influence values")
+                if sharded and parallel.distributed:
+                    shards = parallel.shard_rows(self._compute_influence_value_from_batch, batch)
+                    values = _finite_shards(
+                        shards, lambda part: tf.cast(_as_vector(part), self.value_dtype), offset,
+                        "Self-influence values"
+                    )
+                else:
+                    values = parallel.map_rows(self._compute_influence_value_from_batch, batch)
+                    values = tf.cast(_as_vector(values), self.value_dtype)
+                    values = _check_finite(values, offset, "Self-influence values")
+            yield batch, values
             offset += batch_size_of(batch)
 
     def compute_influence_values(self, train_set: tf.data.Dataset, device: str | None = None) -> tf.data.Dataset:
@@ -243,7 +276,8 @@ class SelfInfluenceCalculator(ABC):
     ) -> TopK:
         """The k training samples with the largest (or smallest) self-influence, streaming.
 
-        Memory is O(k) whatever the size of ``train_set``.
+        Memory is O(k) whatever the size of ``train_set``. Under a strategy each replica keeps the top k
+        of its own rows and the candidates are merged (:class:`~influence_lib.common.top_k.ShardedTopK`).
 
         Returns
         -------
@@ -252,13 +286,19 @@ class SelfInfluenceCalculator(ABC):
             best first, and training-set indices ``(k,)``. Fewer than k when the set is smaller.
         """
         self._check_train_set(train_set)
-        best = StreamingTopK(k, order)
+        check_top_k_arguments(k, order)
+        best = None
         offset = 0
-        for batch, values in self._self_influence_batches(train_set):
+        for batch, values in self._self_influence_batches(train_set, sharded=True):
             size = batch_size_of(batch)
-            best.update(values[None], tf.range(offset, offset + size, dtype=tf.int64), inputs_of(batch))
+            if isinstance(values, RowShards):
+                best = best or ShardedTopK(values.parallel, k, order)
+                best.update(values, _as_row, offset, inputs_of(batch))
+            else:
+                best = best or StreamingTopK(k, order)
+                best.update(values[None], tf.range(offset, offset + size, dtype=tf.int64), inputs_of(batch))
             offset += size
-        result = best.result()
+        result = (best or StreamingTopK(k, order)).result()
         return TopK(tf.nest.map_structure(lambda s: s[0], result.samples), result.values[0], result.indices[0])
 
 
@@ -366,14 +406,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             with _located(offset):
                 if sharded and parallel.distributed:
                     shards = parallel.shard_rows(self._compute_influence_vector, batch)
-                    parts = [tf.cast(part, self.value_dtype) for part in shards.parts]
-                    bad = [
-                        index for part, (start, _) in zip(parts, shards.local_bounds)
-                        for index in _non_finite_rows(part, offset + start)
-                    ]
-                    # Every worker raises, or none: a worker left alone would wait in its next collective.
-                    _raise_non_finite(parallel.union_across_workers(bad), "Influence vectors")
-                    vectors = RowShards(parallel, parts, shards.size)
+                    cast = functools.partial(tf.cast, dtype=self.value_dtype)
+                    vectors = _finite_shards(shards, cast, offset, "Influence vectors")
                 else:
                     vectors = tf.cast(parallel.map_rows(self._compute_influence_vector, batch), self.value_dtype)
                     vectors = _check_finite(vectors, offset, "Influence vectors")

@@ -137,7 +137,8 @@ def _merged_candidates():
 def sharding_outputs(strategy: tf.distribute.Strategy | None, exact) -> dict[str, np.ndarray]:
     """What the split influence-vector cache and the per-replica top-k give: the rows each replica holds in the
     in-memory cache, values and top-k from a cache over the memory budget (per-worker temporary disk cache),
-    top-k with ties (GradDot on :func:`ties_problem`, both orders), and ``influence_between_batches``."""
+    top-k with ties (GradDot on :func:`ties_problem`, both orders, pairwise and self-influence), and
+    ``influence_between_batches``."""
     import influence_lib as il
 
     from influence_lib.common.distribute import RowShards
@@ -170,6 +171,9 @@ def sharding_outputs(strategy: tf.distribute.Strategy | None, exact) -> dict[str
         for order, name in ((il.ORDER.DESCENDING, "top"), (il.ORDER.ASCENDING, "bottom")):
             values, indices = _top_k(graddot.top_k(test, tie_train, 3, order))
             out[f"ties/{name}_k_values"], out[f"ties/{name}_k_indices"] = values, indices
+        for order, name in ((il.ORDER.DESCENDING, "self_top"), (il.ORDER.ASCENDING, "self_bottom")):
+            best = graddot.compute_top_k_from_training_dataset(tie_train, 4, order)
+            out[f"ties/{name}_k_values"], out[f"ties/{name}_k_indices"] = best.values.numpy(), best.indices.numpy()
     out["ties/candidates_shard_rows"] = np.array(counts)
     queries = next(iter(test))
     train_batches = list(train)

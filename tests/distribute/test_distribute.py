@@ -113,6 +113,11 @@ def _single_device_is_right(results: dict) -> None:
         np.testing.assert_array_equal(results[f"single/ties/{name}_k_indices"], order)
         np.testing.assert_allclose(results[f"single/ties/{name}_k_values"], np.take_along_axis(scores, order, 1),
                                    rtol=1e-4, atol=1e-6)
+    self_influence = np.sum(g_train[repeated] ** 2, axis=1).astype(np.float32)
+    for name, sign in (("self_top", -1.0), ("self_bottom", 1.0)):
+        order = np.lexsort((np.arange(29), sign * self_influence))[:4]
+        np.testing.assert_array_equal(results[f"single/ties/{name}_k_indices"], order)
+        np.testing.assert_allclose(results[f"single/ties/{name}_k_values"], self_influence[order], rtol=1e-4)
     assert results["single/exact/over_budget_warnings"] == 2  # pairwise values and top-k each fell back to disk
     if "single/graddot/pairwise" in results:
         dots = g_test @ g_train.T
@@ -155,10 +160,11 @@ def test_mirrored_strategy_over_two_devices_gives_the_one_device_numbers(tmp_pat
     np.testing.assert_array_equal(results["mirrored/shard_rows"], [[3, 4]] * 4 + [[1, 1]])
     np.testing.assert_array_equal(results["single/shard_rows"], [[7]] * 4 + [[1]])
     # The in-memory influence vectors stay on the replica that computed them; each replica's top-k candidates
-    # (k = 3 per query for the two top-k calls over 3 batches to evaluate) are merged, not its score rows.
+    # are merged, not its score rows: k = 3 per query for two top-k calls over 3 batches to evaluate, then k = 4
+    # for two self-influence top-k calls.
     np.testing.assert_array_equal(results["mirrored/exact/cache_shard_rows"], [[3, 4]] * 4 + [[0, 1]])
     np.testing.assert_array_equal(results["single/exact/cache_shard_rows"], [[7]] * 4 + [[1]])
-    np.testing.assert_array_equal(results["mirrored/ties/candidates_shard_rows"], [6] * 6)
+    np.testing.assert_array_equal(results["mirrored/ties/candidates_shard_rows"], [6] * 6 + [8] * 2)
     assert results["single/ties/candidates_shard_rows"].size == 0
     expected = {k[len("single/"):]: v for k, v in results.items() if k.startswith("single/")}
     _assert_same(expected, results, "mirrored", EVERY_CALCULATOR)
@@ -202,7 +208,7 @@ def test_multi_worker_strategy_over_two_processes_gives_the_one_process_numbers(
         # Each worker keeps only its replica's rows of the influence vectors (3 or 4 of each batch of 7, the last
         # batch's row on worker 1), merges the candidates of both for top-k, and pads to 4 rows when forced.
         np.testing.assert_array_equal(worker["multiworker/exact/cache_shard_rows"], [[3 + index]] * 4 + [[index]])
-        np.testing.assert_array_equal(worker["multiworker/ties/candidates_shard_rows"], [6] * 6)
+        np.testing.assert_array_equal(worker["multiworker/ties/candidates_shard_rows"], [6] * 6 + [8] * 2)
         np.testing.assert_array_equal(worker["padded/shard_rows"], [[4]] * 4 + [[1]])
         _assert_same(expected, worker, "padded", {"exact", "tracin", "between"})
         # EK-FAC's two factor passes summed this worker's rows of every batch across the workers.
