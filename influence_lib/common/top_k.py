@@ -3,6 +3,7 @@
 Memory is O(queries · k) whatever the size of the training set, and the result carries the
 training-set index (position in iteration order) of every kept sample.
 """
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -10,7 +11,7 @@ import tensorflow as tf
 
 from .compiled import compiled_function
 from .datasets import size_of
-from .distribute import RowShards
+from .distribute import DataParallel, RowShards
 from .enums import ORDER
 
 
@@ -165,13 +166,15 @@ class ShardedTopK:
         As for :class:`StreamingTopK`.
     """
 
-    def __init__(self, parallel, k: int, order: ORDER = ORDER.DESCENDING):
+    def __init__(self, parallel: DataParallel, k: int, order: ORDER = ORDER.DESCENDING):
         check_top_k_arguments(k, order)
         self.parallel, self.k, self.order = parallel, int(k), order
         self._best = [StreamingTopK(k, order) for _ in parallel.local_bounds(0)]
         self._seen = 0
 
-    def update(self, shards: RowShards, score, offset: int, samples) -> None:
+    def update(
+        self, shards: RowShards, score: Callable[[tf.Tensor], tf.Tensor], offset: int, samples: object
+    ) -> None:
         """Score one training batch on the replicas holding it.
 
         Parameters

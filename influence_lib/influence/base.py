@@ -500,7 +500,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     def _vectors_in_memory(
         self, train_set: tf.data.Dataset
-    ) -> tuple[list[tf.Tensor], str | None, "_TemporaryCache | None"]:
+    ) -> tuple[list["tf.Tensor | RowShards"], str | None, "_TemporaryCache | None"]:
         """The influence vectors of ``train_set`` as a list of batches with the digest of the first training
         batch, or, when they would not fit in the memory budget (:mod:`influence_lib.common.memory`), a
         temporary disk cache holding them. Under a strategy each batch is a :class:`RowShards`: a worker
