@@ -117,6 +117,5 @@ class SharedArchitectureTracIn(TracIn):
     def _compute_influence_value_from_batch(self, train_samples: Batch) -> tf.Tensor:
         return self._over_checkpoints("_compute_influence_value_from_batch", tf.add_n, train_samples)
 
-    def influence_between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
-        """TracIn of every training sample of one batch on every sample of another, shape ``(test, train)``."""
-        return self._over_checkpoints("influence_between_batches", tf.add_n, samples_to_evaluate, train_samples)
+    def _between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
+        return self._over_checkpoints("_between_batches", tf.add_n, samples_to_evaluate, train_samples)
