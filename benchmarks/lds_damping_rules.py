@@ -3,7 +3,8 @@
 For the model ``influence-benchmark lds`` explains (same arguments, same data, seed and training)
 this script builds the Gauss-Newton matrix of the watched weights as a low-rank factor
 
-.. math::  G = \\frac{1}{n} A^\\top A, \\qquad A_i = L_i^\\top J_i, \\quad L_i L_i^\\top = \\operatorname{diag}(p_i) - p_i p_i^\\top
+.. math::  G = \\frac{1}{n} A^\\top A, \\qquad A_i = L_i^\\top J_i, \\quad
+           L_i L_i^\\top = \\operatorname{diag}(p_i) - p_i p_i^\\top
 
 (``J_i`` the Jacobian of the logits, ``p_i`` the softmax; ``A`` has ``n·C`` rows), and solves
 ``(G + D) x = g`` exactly in float64 for every training gradient with the Woodbury identity
@@ -11,15 +12,23 @@ this script builds the Gauss-Newton matrix of the watched weights as a low-rank 
 ``D``. Each damping rule is scored by the LDS against the stored retraining ground truth, so the
 rules are compared without the truncation error of an iterative solver:
 
-* ``global δ``: ``D = δI`` for each δ of ``--grid``;
-* ``mean``: ``D = f · tr(G)/P · I`` (``damping='auto'``'s old rule) for each ``f`` of ``--fractions``;
-* ``per-layer``: ``D = diag(f · tr(G_ll)/P_l · I_l)``, the mean eigenvalue of each layer's diagonal
-  block (``damping='auto'`` since issue 18, :mod:`influence_lib.curvature.spectrum`).
+* ``global δ``: ``D = δI`` for each δ of ``--grid`` (the sweep);
+* ``mean``: ``D = f · tr(G)/P · I`` (``damping='auto'``: ``f = 0.1``) for each ``f`` of ``--fractions``;
+* ``weighted``: ``D = f · tr(G²)/tr(G) · I``, the eigenvalue-weighted mean eigenvalue (the mean
+  curvature along vectors distributed like ``G``, such as the training gradients);
+* ``per-layer`` (``--per-layer``): ``D = diag(f · tr(G_ll)/P_l · I_l)``, the mean eigenvalue of each
+  layer's diagonal block (as EK-FAC's per-layer damping), and the same per weight tensor;
+* ``early stopping``: ``D = (1 − β)/(η T) · I`` from the training run
+  (:func:`~influence_lib.curvature.spectrum.early_stopping_damping`).
+
+It also prints the spectrum's λ_max, rank, ``tr/P``, ``tr/rank``, ``tr(G²)/tr(G)`` and the mean
+Rayleigh quotient of the training gradients. Cost: ``P × P`` (or ``nC × nC``) float64 matrices and
+one solve with all training gradients per rule.
 
 Example (the ground-truth store of ``influence-benchmark lds`` with the same arguments)::
 
     python benchmarks/lds_damping_rules.py --dataset digits --model mlp --train-size 1000 --test-size 300 \\
-        --subsets 100 --store STORE --start-layer 0 --last-layer -1 --hessian-samples 512
+        --subsets 100 --store STORE --start-layer 0 --last-layer -1 --hessian-samples 512 --per-layer
 """
 import argparse
 import sys
@@ -33,6 +42,7 @@ from influence_lib.benchmark.faithfulness_evaluator import FaithfulnessEvaluator
 from influence_lib.benchmark.lds_cli import build_lds_parser, procedure_from, retraining_data
 from influence_lib.benchmark.retraining import SubsetRetraining
 from influence_lib.curvature.hessian import HessianOperator
+from influence_lib.curvature.spectrum import early_stopping_damping
 from influence_lib.influence.first_order import hessian_subset
 from influence_lib.model.influence_model import InfluenceModel
 
@@ -145,14 +155,16 @@ def main(argv: list[str]) -> None:
     probe = np.random.default_rng(0).standard_normal((2, model.nb_params))
     library = HessianOperator(model, hessian_set, curvature="ggn").matmat(tf.constant(probe, model.dtype)).numpy()
     mine = curvature.matmat(probe)
-    print(f"P = {model.nb_params}, n = {count}, low rank {curvature.low_rank}; GGN check: relative difference to the library's "
-          f"products {np.abs(library - mine).max() / np.abs(mine).max():.1e} ({time.perf_counter() - start:.0f} s)")
+    difference = np.abs(library - mine).max() / np.abs(mine).max()
+    print(f"P = {model.nb_params}, n = {count}, low rank {curvature.low_rank}; GGN check: relative difference to "
+          f"the library's products {difference:.1e} ({time.perf_counter() - start:.0f} s)")
     train_gradients = np.concatenate([model.batch_jacobian_tensor(b).numpy() for b in train_set]).astype(np.float64)
     query = model.with_measurement(arguments.measurement)
     test_gradients = np.concatenate([query.batch_jacobian_tensor(b).numpy() for b in test_set]).astype(np.float64)
 
     sizes = [int(np.prod(w.shape)) for w in model.weights]
-    layer_of = [id(layer) for layer in model.watched_layers for w in layer.trainable_weights if any(w is x for x in model.weights)]
+    watched = {id(weight) for weight in model.weights}
+    layer_of = [id(layer) for layer in model.watched_layers for w in layer.trainable_weights if id(w) in watched]
     diagonal = curvature.diagonal()
     layer_ids = np.repeat(np.arange(len(sizes)), sizes)
     layer_index = {key: index for index, key in enumerate(dict.fromkeys(layer_of))}
@@ -184,10 +196,14 @@ def main(argv: list[str]) -> None:
               flush=True)
 
     ones = np.ones(model.nb_params)
+    steps = procedure.epochs * -(-len(data.x_train) // procedure.batch_size)
+    stopping = early_stopping_damping(procedure.learning_rate, steps, procedure.momentum)
+    lds_of(f"early stopping: (1-β)/(ηT) = {stopping:.2e}", stopping * ones)
     for value in [float(v) for v in extra.grid.split(",") if v]:
         lds_of(f"global δ = {value:g}", value * ones)
     for fraction in [float(v) for v in extra.fractions.split(",") if v]:
         lds_of(f"mean: {fraction:g}·tr/P = {fraction * mean_eigenvalue:.2e}", fraction * mean_eigenvalue * ones)
+        lds_of(f"weighted: {fraction:g}·tr(G²)/tr(G) = {fraction * weighted_mean:.2e}", fraction * weighted_mean * ones)
         for kind, means in block_means.items() if extra.per_layer else ():
             lds_of(f"per-{kind}: {fraction:g}·tr_l/P_l", fraction * means)
 

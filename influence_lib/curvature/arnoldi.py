@@ -30,7 +30,7 @@ from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
 from .base import InverseHessianVectorProduct
 from .hessian import HessianOperator
-from .spectrum import hutchinson_moments, resolve_damping
+from .spectrum import hutchinson_mean_eigenvalue, resolve_damping
 
 DEFAULT_SUBSPACE_DIM = 200
 # Ritz values below this multiple of the rounding noise measured in the Arnoldi matrix are noise.
@@ -204,9 +204,8 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
     k_largest_eig_vals
         Number ``k ≤ m`` of eigenvalues of largest magnitude kept. ``None``: all ``m``.
     damping
-        δ ≥ 0 added to every kept eigenvalue; ``'auto'`` (default): ``0.1 · tr(H²)/tr(H)`` when the
-        whole model is watched, else ``0.1 · tr(H) / P`` (``'weighted'`` and ``'mean'`` choose one),
-        the moments estimated with 32 random probes in one extra pass over the dataset
+        δ ≥ 0 added to every kept eigenvalue; ``'auto'`` (default): ``δ = 0.1 · tr(H) / P``, the
+        trace estimated with 32 random probes in one extra pass over the dataset
         (:mod:`~influence_lib.curvature.spectrum`).
     seed
         Seed of the random start vector (and of restarts).
@@ -270,8 +269,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         self.curvature = self.hessian_operator.curvature
         self.damping = resolve_damping(
             self.damping,
-            lambda: hutchinson_moments(self.hessian_operator.matmat, nb_params, model.dtype, seed=seed),
-            model,
+            lambda: hutchinson_mean_eigenvalue(self.hessian_operator.matmat, nb_params, model.dtype, seed=seed),
         )
 
         start = tf.constant(np.random.default_rng(self.seed).standard_normal(nb_params), dtype=dtype)

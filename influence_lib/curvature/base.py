@@ -12,15 +12,14 @@ from ..common.datasets import Batch, iterate_batches
 from ..common.errors import NonFiniteError
 from ..common.streams import GeneratorDataset
 from ..model.influence_model import InfluenceModel
-from .spectrum import DAMPING_RULES
 
 
 def check_damping(damping: "float | str") -> "float | str":
-    """Validate a damping coefficient λ ≥ 0, or a rule ``'auto'``, ``'mean'`` or ``'weighted'`` (resolved by
-    each calculator, see :mod:`~influence_lib.curvature.spectrum`)."""
+    """Validate a damping coefficient λ ≥ 0, or ``'auto'`` (resolved by each calculator, see
+    :mod:`~influence_lib.curvature.spectrum`)."""
     if isinstance(damping, str):
-        if damping not in DAMPING_RULES:
-            raise ValueError(f"damping must be a number ≥ 0 or one of {DAMPING_RULES}, got {damping!r}.")
+        if damping != "auto":
+            raise ValueError(f"damping must be a number ≥ 0 or 'auto', got {damping!r}.")
         return damping
     damping = float(damping)
     if not 0.0 <= damping < float("inf"):
@@ -39,8 +38,7 @@ class InverseHessianVectorProduct(ABC):
         Batched dataset of the samples averaged in the Hessian (``None`` when a calculator is
         built from a precomputed Hessian).
     damping
-        λ ≥ 0: the calculator inverts ``H + λI``; ``'auto'``, ``'mean'`` (``0.1 · tr(H) / P``) or
-        ``'weighted'`` (``0.1 · tr(H²)/tr(H)``): a rule of :mod:`~influence_lib.curvature.spectrum`, resolved by
+        λ ≥ 0: the calculator inverts ``H + λI``; ``'auto'``: ``λ = 0.1 · tr(H) / P``, resolved by
         the subclass into a number stored in :attr:`damping`.
     """
 

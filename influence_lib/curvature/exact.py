@@ -5,7 +5,7 @@
 
 ``H`` is the Gauss-Newton matrix (``curvature='auto'``; it equals the Hessian when the watched
 weights are the output layer, see :mod:`~influence_lib.curvature.gauss_newton`) or the Hessian
-(``curvature='hessian'``). The default damping ``δ`` is one tenth of a mean eigenvalue of ``H``
+(``curvature='hessian'``). The default damping ``δ`` is one tenth of the mean eigenvalue of ``H``
 (:mod:`~influence_lib.curvature.spectrum`): it does not grow with the number of parameters ``P``
 and keeps every direction the data determines. With ``damping=0`` the Moore-Penrose
 pseudo-inverse is used, dropping every eigenvalue with ``|λ| ≤ 10·P·ε₃₂·max|λ|``
@@ -29,7 +29,7 @@ from ..common.memory import check_memory
 from ..model.influence_model import InfluenceModel
 from .base import InverseHessianVectorProduct
 from .hessian import HessianOperator, closed_form_refusal, gauss_newton_hessian, resolve_curvature
-from .spectrum import exact_moments, resolve_damping
+from .spectrum import resolve_damping
 
 # Peak bytes per entry of the P × P matrix: float64 matrix, eigenvectors and inverse, two float32 copies.
 _BYTES_PER_HESSIAN_ENTRY = 32
@@ -82,9 +82,7 @@ class ExactIHVP(InverseHessianVectorProduct):
         A precomputed ``(P, P)`` curvature matrix (e.g. from a larger dataset). Give this or
         ``train_dataset``.
     damping
-        ``'auto'`` (default): ``δ = 0.1 · tr(H²)/tr(H)`` when the whole model is watched, else
-        ``0.1 · tr(H) / P`` (``'weighted'`` and ``'mean'`` choose one; exact moments, see
-        :mod:`~influence_lib.curvature.spectrum`). A number ``δ > 0`` inverts ``H + δI``;
+        ``'auto'`` (default): ``δ = 0.1 · tr(H) / P``. A number ``δ > 0`` inverts ``H + δI``;
         ``0`` uses the pseudo-inverse with ``tf.linalg.pinv``'s cut-off (Influenciae's behaviour,
         a strong truncation at large P — see the module docstring).
     show_progress
@@ -151,7 +149,7 @@ class ExactIHVP(InverseHessianVectorProduct):
             if not np.isfinite(hessian).all():
                 raise NonFiniteError("train_hessian contains NaN or infinite values.")
             hessian = 0.5 * (hessian + hessian.T)
-        self.damping = resolve_damping(self.damping, lambda: exact_moments(hessian), model)
+        self.damping = resolve_damping(self.damping, lambda: float(np.trace(hessian)) / model.nb_params)
         dtype = model.dtype
         self.hessian = tf.constant(hessian, dtype=dtype)
         self.inv_hessian = tf.constant(pseudo_inverse(hessian, self.damping), dtype=dtype)

@@ -3,9 +3,8 @@ factory object.
 
 Built from a name or enum member, each calculator uses its default settings: the Gauss-Newton
 curvature for built-in Keras losses (``curvature='auto'``) and ``damping='auto'``
-(``0.1 · tr(H²)/tr(H)`` when the whole model is watched, else ``0.1 · tr(H) / P``, see
-:mod:`~influence_lib.curvature.spectrum`); for ``'arnoldi'`` a Krylov subspace of ``min(P, 200)``
-dimensions with all its eigenpairs kept. Use the factories to choose others (``damping=0`` for Influenciae's).
+(``0.1 · tr(H) / P``); for ``'arnoldi'`` a Krylov subspace of ``min(P, 200)`` dimensions with all
+its eigenpairs kept. Use the factories to choose others (``damping=0`` for Influenciae's).
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass

@@ -6,7 +6,7 @@ from ..common.arguments import positive_int
 from ..model.influence_model import InfluenceModel
 from .base import InverseHessianVectorProduct
 from .hessian import HessianOperator
-from .spectrum import hutchinson_moments, resolve_damping
+from .spectrum import hutchinson_mean_eigenvalue, resolve_damping
 
 
 class IterativeIHVP(InverseHessianVectorProduct):
@@ -21,8 +21,8 @@ class IterativeIHVP(InverseHessianVectorProduct):
     n_opt_iters
         Maximum number of iterations of a solve.
     damping
-        λ ≥ 0, or a rule: ``'auto'`` (``0.1 · tr(H²)/tr(H)`` when the whole model is watched, else
-        ``0.1 · tr(H) / P``), ``'mean'`` or ``'weighted'``, with the moments estimated from 32 random probes in one pass over ``train_dataset`` (:mod:`~influence_lib.curvature.spectrum`).
+        λ ≥ 0, or ``'auto'``: ``λ = 0.1 · tr(H) / P`` with the trace estimated from 32 random
+        probes in one pass over ``train_dataset`` (:mod:`~influence_lib.curvature.spectrum`).
     show_progress
         Show a progress bar over the iterations of each solve.
     curvature
@@ -53,8 +53,7 @@ class IterativeIHVP(InverseHessianVectorProduct):
         self.curvature = self.hessian_operator.curvature
         self.damping = resolve_damping(
             self.damping,
-            lambda: hutchinson_moments(self.hessian_operator.matmat, model.nb_params, model.dtype),
-            model,
+            lambda: hutchinson_mean_eigenvalue(self.hessian_operator.matmat, model.nb_params, model.dtype),
         )
 
     def hvp(self, vectors: tf.Tensor) -> tf.Tensor:

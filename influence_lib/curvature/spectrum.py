@@ -1,161 +1,67 @@
-"""Cheap facts about the curvature spectrum, used to set defaults: spectral moments, largest eigenvalue.
+"""Cheap facts about the curvature spectrum, used to set defaults: mean eigenvalue, largest eigenvalue.
 
-The default damping of the IHVP calculators (``damping='auto'``) is one tenth of a mean eigenvalue
-of the curvature ``H`` (``P × P``, eigenvalues ``λ_i``). Two means are available by name:
+The default damping of the IHVP calculators (``damping='auto'``) is a fraction of the mean
+eigenvalue ``tr(H) / P`` of the curvature, as in kronfluence's EK-FAC (Grosse et al., "Studying
+Large Language Model Generalization with Influence Functions", 2023):
 
-.. math::  \\texttt{'mean'}:\\ \\delta = 0.1 \\cdot \\frac{\\operatorname{tr}(H)}{P}
-           = 0.1 \\cdot \\frac{1}{P}\\sum_i \\lambda_i, \\qquad
-           \\texttt{'weighted'}:\\ \\delta = 0.1 \\cdot \\frac{\\operatorname{tr}(H^2)}{\\operatorname{tr}(H)}
-           = 0.1 \\cdot \\frac{\\sum_i \\lambda_i^2}{\\sum_i \\lambda_i}
+.. math::  \\delta = 0.1 \\cdot \\operatorname{tr}(H) / P
 
-``'mean'`` is kronfluence's EK-FAC heuristic (Grosse et al., "Studying Large Language Model
-Generalization with Influence Functions", 2023); it counts every direction, the near-null ones
-included. ``'weighted'`` weights each eigenvalue by itself: it is the mean curvature
-``E[vᵀHv] / E[vᵀv]`` along random vectors distributed like the curvature (``v ~ N(0, H)``) — such
-as the training gradients, whose covariance (the empirical Fisher) is close to the Gauss-Newton
-matrix near a minimum — and it ignores the null space. Both are invariant to ``P`` and to the
-scale of the loss.
+It is invariant to the number of parameters and to the scale of the loss, and leaves the
+well-determined (large-eigenvalue) directions almost untouched while bounding the amplification of
+the near-null ones by ``1/δ``. The trace is exact where the matrix is formed (:class:`ExactIHVP`)
+and otherwise estimated with Hutchinson's estimator (Hutchinson, "A stochastic estimator of the
+trace of the influence matrix for Laplacian smoothing splines", 1989) from ``probes`` random ±1
+vectors in ONE vectorized pass over the Hessian dataset.
 
-``'auto'`` takes ``'weighted'`` when the watched weights are every trainable weight of the model
-(a linear model, or a network watched through all its layers) and ``'mean'`` otherwise (e.g. the
-last layer of a network). This choice is measured, not derived: against retraining
-(``benchmarks/README.md``, "Damping rules against retraining"), ``'mean'`` sits at the best
-damping of a sweep on a network's last layer and is 10–100× too small on a whole model, where
-finite training acts as a ridge on the weakly curved directions (gradient descent stopped after
-``T`` steps of size ``η`` is close to ridge regression with ``λ ≈ 1/(ηT)``, Ali, Kolter &
-Tibshirani, "A Continuous-Time View of Early Stopping for Least Squares", AISTATS 2019; see
-:func:`early_stopping_damping`).
-
-Where the matrix is formed (:class:`ExactIHVP`) the moments are exact; otherwise both come from
-Hutchinson's estimator (Hutchinson, "A stochastic estimator of the trace of the influence matrix
-for Laplacian smoothing splines", 1989) with ``probes`` random ±1 vectors ``v`` in ONE vectorized
-pass over the Hessian dataset: ``tr(H) ≈ mean vᵀHv`` and ``tr(H²) ≈ mean ‖Hv‖²``.
+Measured against retraining, this default sits at the best damping of a sweep on a network's last
+layer, but is 10–100× too small when the whole model is watched (a logistic regression, or a
+network through all its layers): there, the finite training itself acts as a ridge on the weakly
+curved directions, which no statistic of the spectrum sees. :func:`early_stopping_damping` gives
+that ridge from the training run's learning rate, steps and momentum (``docs/curvature.md``,
+``benchmarks/README.md`` "Damping rules against retraining").
 """
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-from ..model.influence_model import _as_tf_variable
-
 DAMPING_FRACTION = 0.1
 TRACE_PROBES = 32
-DAMPING_RULES = ("auto", "mean", "weighted")
 
 MatMat = Callable[[tf.Tensor], tf.Tensor]
-
-
-@dataclass(frozen=True)
-class SpectralMoments:
-    """The first two spectral moments of a symmetric ``P × P`` matrix ``H``.
-
-    Attributes
-    ----------
-    trace
-        ``tr(H) = Σ λ_i``.
-    trace_of_square
-        ``tr(H²) = Σ λ_i² = ‖H‖_F²``.
-    dim
-        ``P``.
-    """
-
-    trace: float
-    trace_of_square: float
-    dim: int
-
-    @property
-    def mean_eigenvalue(self) -> float:
-        """``tr(H) / P``."""
-        return self.trace / self.dim
-
-    @property
-    def weighted_mean_eigenvalue(self) -> float:
-        """``tr(H²) / tr(H)``: the mean eigenvalue weighted by the eigenvalues."""
-        return self.trace_of_square / self.trace
-
-
-def hutchinson_moments(
-    matmat: MatMat, dim: int, dtype: tf.DType, probes: int = TRACE_PROBES, seed: int = 0
-) -> SpectralMoments:
-    """Estimate ``tr(H)`` and ``tr(H²)`` from ``probes`` random ±1 vectors ``v``: means of ``vᵀHv`` and ``‖Hv‖²``.
-
-    All probes go through ``matmat`` in one call (one pass over the data). Both estimates are
-    unbiased; the relative standard deviation of ``tr(H)`` is at most
-    ``sqrt(2 / probes)·‖H‖_F / tr(H)``, that of ``tr(H²)`` at most ``sqrt(2 / probes)`` (rank one).
-    """
-    signs = np.random.default_rng(seed).integers(0, 2, size=(probes, dim)) * 2 - 1
-    vectors = tf.constant(signs, dtype=dtype)
-    products = tf.cast(matmat(vectors), dtype)
-    trace = float(tf.reduce_mean(tf.reduce_sum(vectors * products, axis=1)))
-    trace_of_square = float(tf.reduce_mean(tf.reduce_sum(products * products, axis=1)))
-    return SpectralMoments(trace, trace_of_square, dim)
 
 
 def hutchinson_mean_eigenvalue(
     matmat: MatMat, dim: int, dtype: tf.DType, probes: int = TRACE_PROBES, seed: int = 0
 ) -> float:
-    """Estimate ``tr(H) / P`` as the mean of ``vᵀ H v / P`` over ``probes`` random ±1 vectors ``v``
-    (see :func:`hutchinson_moments`)."""
-    return hutchinson_moments(matmat, dim, dtype, probes, seed).mean_eigenvalue
+    """Estimate ``tr(H) / P`` as the mean of ``vᵀ H v / P`` over ``probes`` random ±1 vectors ``v``.
 
-
-def exact_moments(matrix: np.ndarray) -> SpectralMoments:
-    """``tr(H)`` and ``tr(H²) = ‖H‖_F²`` of a formed symmetric matrix (float64)."""
-    matrix = np.asarray(matrix, np.float64)
-    return SpectralMoments(float(np.trace(matrix)), float(np.sum(matrix * matrix)), int(matrix.shape[0]))
-
-
-def damping_from_moments(rule: str, moments: SpectralMoments) -> float:
-    """``0.1 · tr(H)/P`` (``rule='mean'``) or ``0.1 · tr(H²)/tr(H)`` (``rule='weighted'``).
-
-    Raises
-    ------
-    ValueError
-        For another rule, or when ``tr(H)`` is not positive (a flat or mostly concave loss).
+    All probes go through ``matmat`` in one call (one pass over the data). The estimate is
+    unbiased; its relative standard deviation is at most ``sqrt(2 / probes)·‖H‖_F / tr(H)``.
     """
-    if rule not in ("mean", "weighted"):
-        raise ValueError(f"The damping rule must be 'mean' or 'weighted', got {rule!r}.")
-    if not moments.trace > 0.0:
+    signs = np.random.default_rng(seed).integers(0, 2, size=(probes, dim)) * 2 - 1
+    vectors = tf.constant(signs, dtype=dtype)
+    quadratic_forms = tf.reduce_sum(vectors * tf.cast(matmat(vectors), dtype), axis=1)
+    return float(tf.reduce_mean(quadratic_forms)) / dim
+
+
+def damping_from_mean_eigenvalue(mean_eigenvalue: float) -> float:
+    """``0.1 · tr(H) / P``; raises when the trace is not positive (a flat or mostly concave loss)."""
+    if not mean_eigenvalue > 0.0:
         raise ValueError(
-            f"damping={rule!r} takes 0.1 × a mean eigenvalue of the curvature, but its trace is {moments.trace:.3e} "
+            f"damping='auto' takes 0.1 × the mean eigenvalue of the curvature, but it is {mean_eigenvalue:.3e} "
             "(not positive: the loss is flat or concave in the watched weights on the Hessian dataset). "
             "Pass a damping value explicitly, or use curvature='ggn'."
         )
-    mean = moments.mean_eigenvalue if rule == "mean" else moments.weighted_mean_eigenvalue
-    return DAMPING_FRACTION * mean
+    return DAMPING_FRACTION * mean_eigenvalue
 
 
-def watches_whole_model(model) -> bool:
-    """Whether an InfluenceModel's watched weights are every trainable weight of its Keras model."""
-    watched = {id(weight) for weight in model.tf_variables}
-    trainable = {id(_as_tf_variable(weight)) for weight in model.model.trainable_weights}
-    return bool(trainable) and trainable <= watched
-
-
-def default_damping_rule(model) -> str:
-    """The rule ``damping='auto'`` uses for an InfluenceModel: ``'weighted'`` when it watches the whole
-    model, else ``'mean'`` (see the module docstring for the evidence)."""
-    return "weighted" if watches_whole_model(model) else "mean"
-
-
-def resolve_damping(damping: "float | str", moments: Callable[[], SpectralMoments], model=None) -> float:
-    """``damping`` itself, or the number a rule (``'auto'``, ``'mean'``, ``'weighted'``) gives.
-
-    Parameters
-    ----------
-    damping
-        A number ≥ 0, or a rule name.
-    moments
-        Called (once) only for a rule: the spectral moments of the curvature.
-    model
-        The InfluenceModel, which ``'auto'`` needs to choose its rule (:func:`default_damping_rule`).
-    """
+def resolve_damping(damping: "float | str", mean_eigenvalue: Callable[[], float]) -> float:
+    """``damping`` itself, or ``0.1 · mean_eigenvalue()`` for ``'auto'``."""
     if isinstance(damping, str):
-        if damping not in DAMPING_RULES:
-            raise ValueError(f"damping must be a number ≥ 0 or one of {DAMPING_RULES}, got {damping!r}.")
-        rule = default_damping_rule(model) if damping == "auto" else damping
-        return damping_from_moments(rule, moments())
+        if damping != "auto":
+            raise ValueError(f"damping must be a number ≥ 0 or 'auto', got {damping!r}.")
+        return damping_from_mean_eigenvalue(mean_eigenvalue())
     return damping
 
 

@@ -45,8 +45,8 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
     dtype
         Dtype of the Krylov basis and projections (``tf.float32`` or ``tf.float64``).
     damping
-        δ ≥ 0 added to the kept eigenvalues; ``'auto'`` (default), ``'mean'`` or ``'weighted'``: a
-        rule (see :mod:`~influence_lib.curvature.spectrum` and :class:`~influence_lib.curvature.arnoldi.ArnoldiIHVP`).
+        δ ≥ 0 added to the kept eigenvalues; ``'auto'`` (default): ``0.1 · tr(H) / P`` (see
+        :class:`~influence_lib.curvature.arnoldi.ArnoldiIHVP`).
     seed
         Seed of the Arnoldi start vector.
     show_progress

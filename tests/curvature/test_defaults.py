@@ -25,11 +25,11 @@ def _regression_model(n_features=4, outputs=3):
     return il.InfluenceModel(model, loss_function=keras.losses.MeanSquaredError(reduction=None))
 
 
-def test_exact_mean_damping_is_a_tenth_of_the_mean_eigenvalue():
+def test_exact_auto_damping_is_a_tenth_of_the_mean_eigenvalue():
     influence_model = _regression_model()  # P = 15
     eigenvalues = np.logspace(1, -9, 15)
     hessian = _known_spectrum(eigenvalues)
-    exact = il.ExactIHVP(influence_model, train_hessian=hessian, damping="mean")
+    exact = il.ExactIHVP(influence_model, train_hessian=hessian)
     assert exact.damping == pytest.approx(0.1 * eigenvalues.mean(), rel=1e-6)
     vectors = np.random.default_rng(1).normal(size=(4, 15))
     expected = np.linalg.solve(hessian + 0.1 * eigenvalues.mean() * np.eye(15), vectors.T).T
@@ -58,14 +58,11 @@ def test_hutchinson_mean_eigenvalue_is_within_its_error_bound():
     assert abs(estimate / eigenvalues.mean() - 1) < bound
 
 
-def test_iterative_mean_damping_uses_the_estimated_mean_eigenvalue():
+def test_iterative_auto_damping_uses_the_estimated_mean_eigenvalue():
     model, dataset, x, _ = rm.linear_regression()
     influence_model = il.InfluenceModel(model, loss_function=keras.losses.MeanSquaredError(reduction=None))
     mean_eigenvalue = np.trace(rm.mse_hessian(x, outputs=2)) / influence_model.nb_params
-    for calculator in (
-        il.ConjugateGradientDescentIHVP(influence_model, dataset, damping="mean"),
-        il.LissaIHVP(influence_model, dataset, damping="mean"),
-    ):
+    for calculator in (il.ConjugateGradientDescentIHVP(influence_model, dataset), il.LissaIHVP(influence_model, dataset)):
         assert calculator.curvature == "ggn"
         assert calculator.damping == pytest.approx(0.1 * mean_eigenvalue, rel=0.5)
 
