@@ -16,6 +16,7 @@ Example::
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -23,6 +24,9 @@ import tensorflow as tf
 import influence_lib as il
 from influence_lib.benchmark.lds_cli import build_lds_parser, procedure_from, retraining_data
 from influence_lib.influence.first_order import hessian_subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lds_auto_damping import training_damping  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -38,8 +42,7 @@ def main(argv: list[str]) -> None:
     train_set = tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train)).batch(arguments.influence_batch_size)
     hessian_set = hessian_subset(train_set, settings.hessian_samples, 10000, trained.seed)
     vectors = model.batch_jacobian_tensor((data.x_test[: settings.rhs], data.y_test[: settings.rhs]))
-    steps = procedure.epochs * -(-len(data.x_train) // procedure.batch_size)
-    stopping = il.early_stopping_damping(procedure.learning_rate, steps, procedure.momentum)
+    stopping = training_damping(procedure, len(data.x_train))
     print(f"P = {model.nb_params}, {settings.hessian_samples} Hessian samples, {settings.rhs} right-hand sides")
     for name, damping in (("auto (0.1 tr/P)", "auto"), ("early_stopping_damping", stopping)):
         cg = il.ConjugateGradientDescentIHVP(model, hessian_set, damping=damping)

@@ -33,6 +33,7 @@ Example (the ground-truth store of ``influence-benchmark lds`` with the same arg
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -42,9 +43,11 @@ from influence_lib.benchmark.faithfulness_evaluator import FaithfulnessEvaluator
 from influence_lib.benchmark.lds_cli import build_lds_parser, procedure_from, retraining_data
 from influence_lib.benchmark.retraining import SubsetRetraining
 from influence_lib.curvature.hessian import HessianOperator
-from influence_lib.curvature.spectrum import early_stopping_damping
 from influence_lib.influence.first_order import hessian_subset
 from influence_lib.model.influence_model import InfluenceModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lds_auto_damping import training_damping  # noqa: E402
 
 
 def _layer_or_none(text: str):
@@ -196,8 +199,7 @@ def main(argv: list[str]) -> None:
               flush=True)
 
     ones = np.ones(model.nb_params)
-    steps = procedure.epochs * -(-len(data.x_train) // procedure.batch_size)
-    stopping = early_stopping_damping(procedure.learning_rate, steps, procedure.momentum)
+    stopping = training_damping(procedure, len(data.x_train))
     lds_of(f"early stopping: (1-β)/(ηT) = {stopping:.2e}", stopping * ones)
     for value in [float(v) for v in extra.grid.split(",") if v]:
         lds_of(f"global δ = {value:g}", value * ones)
