@@ -14,7 +14,7 @@ trace of the influence matrix for Laplacian smoothing splines", 1989) from ``pro
 vectors in ONE vectorized pass over the Hessian dataset.
 
 Measured against retraining, this default sits at the best damping of a sweep on a network's last
-layer, but is 10–100× too small when the whole model is watched (a logistic regression, or a
+layer, but is 15–300× too small when the whole model is watched (a logistic regression, or a
 network through all its layers): there, the finite training itself acts as a ridge on the weakly
 curved directions, which no statistic of the spectrum sees. :func:`early_stopping_damping` gives
 that ridge from the training run's learning rate, steps and momentum (``docs/curvature.md``,
@@ -83,7 +83,22 @@ def early_stopping_damping(learning_rate: float, steps: int, momentum: float = 0
         ``T ≥ 1``: the number of optimizer steps (epochs × batches per epoch).
     momentum
         ``β ∈ [0, 1)`` of SGD with momentum.
+
+    Returns
+    -------
+    float
+        ``(1 − β) / (η · T)``.
+
+    Raises
+    ------
+    TypeError
+        A learning rate or momentum that is not a real number.
+    ValueError
+        ``steps`` not a positive integer, ``η ≤ 0`` or not finite, ``β`` outside ``[0, 1)``.
     """
+    for name, value in (("learning_rate", learning_rate), ("momentum", momentum)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}.")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer (epochs × batches per epoch), got {steps!r}.")
     if not (np.isfinite(learning_rate) and learning_rate > 0):

@@ -48,3 +48,5 @@ def test_early_stopping_damping_rejects_bad_arguments():
         il.early_stopping_damping(-1.0, 10)
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         il.early_stopping_damping(0.01, 10, momentum=1.0)
+    with pytest.raises(TypeError, match="learning_rate must be a real number, got str"):
+        il.early_stopping_damping("0.01", 10)
