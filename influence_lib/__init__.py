@@ -10,9 +10,11 @@ from .common import (
     DataParallel,
     InsufficientMemoryError,
     NonFiniteError,
+    RowShards,
     SingularHessianError,
     StreamingTopK,
     TopK,
+    padded_shards,
     using_strategy,
 )
 from .curvature import (
@@ -98,6 +100,7 @@ __all__ = [
     "Projection",
     "RepresenterPointL2",
     "RepresenterPointLJE",
+    "RowShards",
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
@@ -114,5 +117,6 @@ __all__ = [
     "to_numpy",
     "NumpyResult",
     "gauss_newton_hessian",
+    "padded_shards",
     "using_strategy",
 ]
