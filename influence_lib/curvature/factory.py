@@ -3,7 +3,7 @@ factory object.
 
 Built from a name or enum member, each calculator uses its default settings: the Gauss-Newton
 curvature for built-in Keras losses (``curvature='auto'``) and ``damping='auto'``
-(``0.1 · tr(H) / P``); for ``'arnoldi'`` a Krylov subspace of ``min(P, 200)`` dimensions with all
+(``max(0.1 · tr(H) / P, λ_train)``); for ``'arnoldi'`` a Krylov subspace of ``min(P, 200)`` dimensions with all
 its eigenpairs kept. Use the factories to choose others (``damping=0`` for Influenciae's).
 """
 from abc import ABC, abstractmethod
