@@ -257,8 +257,19 @@ class TracInFactory(CalculatorFactory):
         )
 
 
+class _TRAKAttribution(CalculatorFactory):
+    """TRAK's sign: its pairwise values predict the change of the margin when the training sample is
+    included (``effect_sign = +1``); with the loss as measurement they predict minus the change of the loss."""
+
+    effect_sign = 1.0
+
+    def attribute(self, trained, train_set, test_set, measurement="margin") -> np.ndarray:
+        values = super().attribute(trained, train_set, test_set, measurement)
+        return values if measurement == "margin" else -values
+
+
 @dataclass(frozen=True)
-class TRAKFactory(CalculatorFactory):
+class TRAKFactory(_TRAKAttribution):
     """TRAK (Park et al. 2023) on the explained model, or on the checkpoints of its training run.
 
     Its pairwise values predict the change of the margin when the training sample is included
@@ -278,7 +289,6 @@ class TRAKFactory(CalculatorFactory):
         First watched layer (None: the last layer with weights).
     """
 
-    effect_sign = 1.0
     dimension: int | None = 2048
     structured: bool = True
     damping: float = 0.0
@@ -290,11 +300,7 @@ class TRAKFactory(CalculatorFactory):
         return self.checkpoints
 
     def build(self, trained, train_set, measurement=None) -> TRAK:
-        projection = None if self.dimension is None else Projection(
-            self.dimension, seed=trained.seed, structured=self.structured
-        )
-        settings = dict(projection=projection, damping=self.damping, measurement=measurement or "margin",
-                        show_progress=False, start_layer=self.start_layer, loss_function=trained.loss_function)
+        settings = _trak_settings(self, trained, measurement)
         if not self.checkpoints:
             return TRAK.from_models([trained.model], train_set, **settings)
         if trained.checkpoint_callback is None or not trained.checkpoint_callback.checkpoints:
@@ -302,9 +308,55 @@ class TRAKFactory(CalculatorFactory):
         paths = [path for path, _ in trained.checkpoint_callback.checkpoints]
         return TRAK.from_checkpoints(trained.model, paths, train_set, **settings)
 
-    def attribute(self, trained, train_set, test_set, measurement="margin") -> np.ndarray:
-        values = super().attribute(trained, train_set, test_set, measurement)
-        return values if measurement == "margin" else -values
+
+def _trak_settings(factory, trained: TrainedModel, measurement: str | None) -> dict:
+    """Keyword arguments of :meth:`TRAK.from_models` from a TRAK factory's fields."""
+    projection = None if factory.dimension is None else Projection(
+        factory.dimension, seed=trained.seed, structured=factory.structured
+    )
+    return dict(projection=projection, damping=factory.damping, measurement=measurement or "margin",
+                show_progress=False, start_layer=factory.start_layer, loss_function=trained.loss_function)
+
+
+@dataclass(frozen=True)
+class TRAKEnsembleFactory(_TRAKAttribution):
+    """TRAK over an ensemble of ``models`` independently trained models (Park et al. 2023; dattri's TRAK-10/50).
+
+    The models are trained with the explained model's own training procedure, from other seeds,
+    each on a random ``alpha``-subset of the training set (the paper's and dattri's choice;
+    ``alpha=1`` trains on the whole set), by the
+    :class:`~influence_lib.benchmark.retraining.IndependentModels` the benchmark attaches to the
+    trained model (stored beside the ground truth and reused across runs; an ensemble of 10 is the
+    first 10 models of an ensemble of 50). The explained model itself is not in the ensemble.
+
+    Parameters
+    ----------
+    models
+        Ensemble size ``M``.
+    alpha
+        Fraction of the training set each model is trained on, in ``(0, 1]``.
+    dimension, structured, damping, start_layer
+        As for :class:`TRAKFactory`.
+    """
+
+    models: int = 10
+    alpha: float = 0.5
+    dimension: int | None = 2048
+    structured: bool = True
+    damping: float = 0.0
+    start_layer: int | str | None = None
+
+    def build(self, trained, train_set, measurement=None) -> TRAK:
+        if isinstance(self.models, bool) or not isinstance(self.models, int) or self.models < 1:
+            raise ValueError(f"models (ensemble size) must be a positive integer, got {self.models!r}.")
+        provider = trained.independent_models
+        if provider is None:
+            raise ValueError(
+                "trak_ensemble needs independently trained models: set trained.independent_models to an "
+                "influence_lib.benchmark.IndependentModels (the benchmark evaluators do)."
+            )
+        models = provider.models(trained.model, self.models, self.alpha)
+        return TRAK.from_models(models, train_set, **_trak_settings(self, trained, measurement))
 
 
 @dataclass(frozen=True)
@@ -453,6 +505,7 @@ METHODS: dict[str, MethodFactory] = {
     "tracin": TracInFactory(),
     "trak": TRAKFactory(),
     "trak_checkpoints": TRAKFactory(checkpoints=True),
+    "trak_ensemble": TRAKEnsembleFactory(),
     "grad_dot": GradSimilarityFactory(),
     "grad_cos": GradSimilarityFactory(cosine=True),
     "rps_l2": RepresenterL2Factory(),
