@@ -335,8 +335,11 @@ class TRAKEnsembleFactory(_TRAKAttribution):
         Ensemble size ``M``.
     alpha
         Fraction of the training set each model is trained on, in ``(0, 1]``.
-    dimension, structured, damping, start_layer
+    dimension, structured, damping
         As for :class:`TRAKFactory`.
+    start_layer
+        First watched layer (default 0: every layer, as in the paper and dattri; None: the last
+        layer with weights).
     """
 
     models: int = 10
@@ -344,7 +347,7 @@ class TRAKEnsembleFactory(_TRAKAttribution):
     dimension: int | None = 2048
     structured: bool = True
     damping: float = 0.0
-    start_layer: int | str | None = None
+    start_layer: int | str | None = 0
 
     def build(self, trained, train_set, measurement=None) -> TRAK:
         if isinstance(self.models, bool) or not isinstance(self.models, int) or self.models < 1:
