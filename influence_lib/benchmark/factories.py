@@ -285,8 +285,9 @@ class TRAKFactory(_TRAKAttribution):
         λ of ``(ΦᵀΦ + λI)⁻¹`` (0: pseudo-inverse).
     checkpoints
         An ensemble over the TracIn checkpoints saved during training instead of the final model.
-    start_layer
-        First watched layer (None: the last layer with weights).
+    start_layer, last_layer
+        First and last watched layers (None: the last layer with weights; ``start_layer=0,
+        last_layer=-1`` watches every layer).
     """
 
     dimension: int | None = 2048
@@ -294,6 +295,7 @@ class TRAKFactory(_TRAKAttribution):
     damping: float = 0.0
     checkpoints: bool = False
     start_layer: int | str | None = None
+    last_layer: int | str | None = None
 
     @property
     def needs_checkpoints(self) -> bool:
@@ -315,7 +317,8 @@ def _trak_settings(factory, trained: TrainedModel, measurement: str | None) -> d
         factory.dimension, seed=trained.seed, structured=factory.structured
     )
     return dict(projection=projection, damping=factory.damping, measurement=measurement or "margin",
-                show_progress=False, start_layer=factory.start_layer, loss_function=trained.loss_function)
+                show_progress=False, start_layer=factory.start_layer, last_layer=factory.last_layer,
+                loss_function=trained.loss_function)
 
 
 @dataclass(frozen=True)
@@ -337,9 +340,9 @@ class TRAKEnsembleFactory(_TRAKAttribution):
         Fraction of the training set each model is trained on, in ``(0, 1]``.
     dimension, structured, damping
         As for :class:`TRAKFactory`.
-    start_layer
-        First watched layer (default 0: every layer, as in the paper and dattri; None: the last
-        layer with weights).
+    start_layer, last_layer
+        First and last watched layers (default every layer, as in the paper and dattri; None, None:
+        the last layer with weights).
     """
 
     models: int = 10
@@ -348,6 +351,7 @@ class TRAKEnsembleFactory(_TRAKAttribution):
     structured: bool = True
     damping: float = 0.0
     start_layer: int | str | None = 0
+    last_layer: int | str | None = -1
 
     def build(self, trained, train_set, measurement=None) -> TRAK:
         if isinstance(self.models, bool) or not isinstance(self.models, int) or self.models < 1:
@@ -372,18 +376,21 @@ class GradSimilarityFactory(CalculatorFactory):
         Cosine similarity instead of the dot product.
     dimension
         Random projection of the gradients to this dimension (None: exact gradients).
-    start_layer
-        First watched layer (None: the last layer with weights).
+    start_layer, last_layer
+        First and last watched layers (None: the last layer with weights; ``start_layer=0,
+        last_layer=-1`` watches every layer).
     """
 
     cosine: bool = False
     dimension: int | None = None
     start_layer: int | str | None = None
+    last_layer: int | str | None = None
 
     def build(self, trained, train_set, measurement=None) -> GradDot:
         projection = None if self.dimension is None else Projection(self.dimension, seed=trained.seed)
         calculator = GradCos if self.cosine else GradDot
-        return calculator(_influence_model(trained, self.start_layer), projection, measurement, show_progress=False)
+        model = _influence_model(trained, self.start_layer, self.last_layer)
+        return calculator(model, projection, measurement, show_progress=False)
 
 
 @dataclass(frozen=True)

@@ -158,3 +158,15 @@ def test_mislabel_benchmark_runs_the_ensemble():
     )
     run = evaluator.bench({"trak_ensemble": TRAKEnsembleFactory(models=2, dimension=32)}, 1)["trak_ensemble"].runs[0]
     assert run.scores.shape == (60,) and np.all(np.isfinite(run.scores)) and 0.0 <= run.roc_auc <= 1.0
+
+
+def test_ensemble_watches_every_layer_by_default():
+    data = digits(40, 4)
+    procedure = SGDTrainingProcedure(hidden_units=(8,), epochs=1, batch_size=16)
+    trained = TrainedModel(procedure.train(data.x_train, data.y_train, data.x_test, data.y_test, 0).model, 0, 0, 0,
+                           loss_function=procedure.loss_function())
+    trained.independent_models = IndependentModels(procedure, data, show_progress=False)
+    train_set = tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train)).batch(16)
+    trak = TRAKEnsembleFactory(models=2, dimension=16).build(trained, train_set)
+    assert len(trak.models) == 2 and trak.models[0].nb_params == trained.model.count_params() == 64 * 8 + 8 + 8 * 10 + 10
+    assert trak.models[0].model is not trained.model
