@@ -8,7 +8,10 @@ the 1-worker run the plain single-device path (no strategy). Two workloads on a 
 * ``self_influence``: TracIn self-influence of every training sample (per-sample gradient norms:
   per-sample outputs, all-gathered);
 * ``hvp``: one pass of Hessian-vector products of the mean training loss with 4 vectors
-  (``HessianOperator.matmat``: sums, all-reduced) — the pass every CG / LiSSA / Arnoldi step makes.
+  (``HessianOperator.matmat``: sums, all-reduced) — the pass every CG / LiSSA / Arnoldi step makes;
+* ``top_k``: GradDot ``top_k`` of 64 queries over the training set, k = 10 (the in-memory cache of
+  per-sample gradients, each worker holding only its rows; scores computed where the rows are; the
+  workers' candidates merged) — also reports the bytes of influence vectors each worker holds.
 
 Both also run in ONE single-threaded process with a ``MirroredStrategy`` over 2 logical CPU
 devices: the local-replica path (shards computed one after the other, combined locally), which
@@ -71,6 +74,12 @@ def _worker(samples: int, batch_size: int, repeats: int) -> dict:
     with il.using_strategy(strategy):
         hessian = il.HessianOperator(influence_model, train)
     vectors = tf.constant(rng.normal(size=(4, influence_model.nb_params)), tf.float32)
+    queries = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).batch(64)
+    graddot = il.GradDot(influence_model, show_progress=False, strategy=strategy)
+
+    def top_k() -> tuple[np.ndarray, np.ndarray]:
+        (_, values, _, indices), = list(graddot.top_k(queries, train, 10))
+        return values.numpy(), indices.numpy()
 
     def timed(run) -> tuple[float, np.ndarray]:
         result = run()
@@ -83,6 +92,11 @@ def _worker(samples: int, batch_size: int, repeats: int) -> dict:
 
     self_time, self_values = timed(lambda: il.extract_only_values(tracin.compute_influence_values(train)).numpy())
     hvp_time, hvp_values = timed(lambda: hessian.matmat(vectors).numpy())
+    top_k_time, (top_k_values, top_k_indices) = timed(top_k)
+    cached, _, _ = graddot._vectors_in_memory(train)
+    cached_bytes = sum(
+        part.shape.num_elements() * part.dtype.size for batch in cached for part in getattr(batch, "parts", [batch])
+    )
 
     batch = next(iter(train))
     identity = lambda b: b  # noqa: E731
@@ -98,6 +112,10 @@ def _worker(samples: int, batch_size: int, repeats: int) -> dict:
         "self_influence": self_values.tolist(),
         "hvp_norm": float(np.linalg.norm(hvp_values)),
         "hvp_first": hvp_values[0, :8].tolist(),
+        "top_k_s": top_k_time,
+        "top_k": top_k_values.tolist(),
+        "top_k_indices": top_k_indices.tolist(),
+        "cached_bytes": cached_bytes,
         "default_lookup_us": dispatch_us if strategy is None else None,
     }
 
@@ -162,10 +180,10 @@ def main() -> None:
     print("| workload | 1 worker, samples/s | 2 workers, samples/s | speed-up | scaling efficiency "
           "| max rel. difference |")
     print("|---|---|---|---|---|---|")
-    for name, key in (("self_influence", "self_influence_s"), ("hvp", "hvp_s")):
+    for name, key in (("self_influence", "self_influence_s"), ("hvp", "hvp_s"), ("top_k", "top_k_s")):
         single = args.samples / one[key]
         double = args.samples / max(worker[key] for worker in two)
-        output = "self_influence" if name == "self_influence" else "hvp_first"
+        output = {"self_influence": "self_influence", "hvp": "hvp_first", "top_k": "top_k"}[name]
         reference = np.asarray(one[output])
         difference = max(np.abs(np.asarray(w[output]) - reference).max() for w in two) / np.abs(reference).max()
         report[name] = {"one_worker": single, "two_workers": double, "efficiency": double / (2 * single),
@@ -176,6 +194,12 @@ def main() -> None:
         report[name]["mirrored_one_process"] = local
         print(f"| {name}, MirroredStrategy over 2 logical CPU devices in 1 process (1 thread) | {single:,.0f} "
               f"| {local:,.0f} | {local / single:.2f}× | {local / (2 * single):.0%} | — |")
+    same = all(worker["top_k_indices"] == one["top_k_indices"] for worker in two)
+    print(f"top_k: training indices {'identical' if same else 'DIFFERENT'} on 1 and 2 workers")
+    report["top_k"]["same_indices"] = same
+    held = ", ".join(f"{worker['cached_bytes'] / 2**20:.1f} MiB" for worker in two)
+    print(f"influence vectors held per worker: 1 worker {one['cached_bytes'] / 2**20:.1f} MiB; 2 workers {held}")
+    report["cached_bytes"] = {"one_worker": one["cached_bytes"], "two_workers": [w["cached_bytes"] for w in two]}
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
 

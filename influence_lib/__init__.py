@@ -10,9 +10,11 @@ from .common import (
     DataParallel,
     InsufficientMemoryError,
     NonFiniteError,
+    RowShards,
     SingularHessianError,
     StreamingTopK,
     TopK,
+    padded_shards,
     using_strategy,
 )
 from .curvature import (
@@ -97,6 +99,7 @@ __all__ = [
     "Projection",
     "RepresenterPointL2",
     "RepresenterPointLJE",
+    "RowShards",
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
@@ -112,5 +115,6 @@ __all__ = [
     "to_numpy",
     "NumpyResult",
     "gauss_newton_hessian",
+    "padded_shards",
     "using_strategy",
 ]

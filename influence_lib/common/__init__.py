@@ -1,5 +1,5 @@
 """Plumbing shared by every method: enums, dataset checks, errors, progress, top-k, caching."""
-from .distribute import DataParallel, using_strategy
+from .distribute import DataParallel, RowShards, padded_shards, using_strategy
 from .enums import CACHE, ORDER
 from .errors import NonFiniteError, SingularHessianError
 from .memory import InsufficientMemoryError
@@ -11,8 +11,10 @@ __all__ = [
     "DataParallel",
     "InsufficientMemoryError",
     "NonFiniteError",
+    "RowShards",
     "SingularHessianError",
     "StreamingTopK",
     "TopK",
+    "padded_shards",
     "using_strategy",
 ]

@@ -10,7 +10,15 @@ influence vectors, samples to evaluate, Hessian passes) hand each batch to
 * runs the per-batch computation of each local replica on that replica's device;
 * all-gathers per-sample outputs in replica order (:meth:`DataParallel.map_rows`) — which is the
   batch's row order, so training-set indices are unchanged — or all-reduces sums
-  (:meth:`DataParallel.sum_rows`: Hessians, Hessian-vector products, gradient sums).
+  (:meth:`DataParallel.sum_rows`: Hessians, Hessian-vector products, gradient sums);
+* or leaves per-sample outputs on the replicas that computed them (:meth:`DataParallel.shard_rows`,
+  a :class:`RowShards`): the influence-vector cache, scored per replica and gathered as columns,
+  and the streaming top-k, whose per-replica candidates are merged.
+
+Where the collectives need equal shapes on every replica (``TPUStrategy``: XLA compiles static
+shapes), or when forced with :func:`padded_shards`, every replica's shard is padded to
+``⌈B/R⌉`` rows (copies of a real row), outputs are gathered at that size and the padded rows
+dropped by position (a validity mask, :func:`valid_positions`); sums are taken over real rows only.
 
 Every worker of a ``MultiWorkerMirroredStrategy`` iterates the whole (same, fixed-order) dataset
 and computes only its own replicas' shards; the collectives give every worker the full result, so
@@ -27,6 +35,7 @@ influence-vector hook) runs it locally on its own shard: distribution never nest
 collectives of all workers always pair up.
 """
 import contextvars
+import functools
 import os
 import weakref
 from collections.abc import Callable, Iterator
@@ -46,6 +55,7 @@ SAME_WEIGHTS = "every worker must load the same weights"
 
 _explicit_strategy: contextvars.ContextVar = contextvars.ContextVar("influence_lib_strategy", default=None)
 _inside_replica: contextvars.ContextVar = contextvars.ContextVar("influence_lib_inside_replica", default=False)
+_pad_shards: contextvars.ContextVar = contextvars.ContextVar("influence_lib_pad_shards", default=False)
 
 
 def check_strategy(strategy) -> "tf.distribute.Strategy | None":
@@ -105,8 +115,99 @@ def shard_bounds(size: int, replicas: int, replica: int) -> tuple[int, int]:
     return replica * size // replicas, (replica + 1) * size // replicas
 
 
+def padded_rows(size: int, replicas: int) -> int:
+    """Rows of every replica's shard when shards are padded to equal size: ``⌈size/replicas⌉`` (at least 1)."""
+    return max(-(-size // replicas), 1)
+
+
+def valid_positions(size: int, replicas: int) -> list[int]:
+    """Positions of the real rows among the ``replicas × padded_rows`` rows of gathered padded shards
+    (the validity mask as indices): replica ``r``'s rows ``r·S … r·S + rows_r − 1``, in batch order."""
+    rows = padded_rows(size, replicas)
+    positions = []
+    for replica in range(replicas):
+        start, end = shard_bounds(size, replicas, replica)
+        positions.extend(range(replica * rows, replica * rows + end - start))
+    return positions
+
+
+def needs_equal_shards(strategy: tf.distribute.Strategy) -> bool:
+    """Whether the collectives of ``strategy`` need the same shape on every replica: ``TPUStrategy``
+    (XLA compiles the all-gather for static shapes)."""
+    return isinstance(strategy, _TPU_STRATEGIES)
+
+
+_TPU_STRATEGIES = (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)
+
+
+@contextmanager
+def padded_shards(enabled: bool = True) -> Iterator[None]:
+    """Pad every replica's shard to the same number of rows inside the block, as under ``TPUStrategy``.
+
+    The per-sample passes then hand each replica ``⌈B/R⌉`` rows (its own rows, then copies of its
+    last row — of the batch's last row for a replica without rows), all-gather equal shapes, and
+    drop the padded rows by their positions (:func:`valid_positions`); sums are taken over each
+    replica's real rows only, so padding never enters them. The numbers are those of unpadded
+    shards: this switch exists to exercise the TPU path on CPUs and GPUs.
+    """
+    token = _pad_shards.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _pad_shards.reset(token)
+
+
 def _rows(batch: Batch, start: int, end: int) -> Batch:
     return tf.nest.map_structure(lambda tensor: tensor[start:end], batch)
+
+
+def _padded_shard(batch: Batch, size: int, start: int, end: int, rows: int) -> Batch:
+    """Rows ``[start, end)`` of ``batch`` followed by copies of the last of them (of the batch's last row
+    when the shard is empty) up to ``rows`` rows."""
+    last = end - 1 if end > start else size - 1
+    indices = tf.constant([min(start + index, last) for index in range(rows)], tf.int32)
+    return tf.nest.map_structure(lambda tensor: tf.gather(tensor, indices), batch)
+
+
+class RowShards:
+    """Per-sample outputs of one batch left on the replicas that computed them (nothing gathered).
+
+    ``parts[i]`` holds the rows of this worker's ``i``-th replica (any nesting of tensors with the
+    rows on axis 0), on that replica's device; a worker of a multi-worker cluster holds only its
+    own replicas' rows. Made by :meth:`DataParallel.shard_rows`.
+
+    Attributes
+    ----------
+    parallel
+        The :class:`DataParallel` that made it.
+    parts
+        One output per local replica, in replica order.
+    size
+        Rows of the whole batch (over all workers).
+    """
+
+    def __init__(self, parallel: "DataParallel", parts: list, size: int):
+        self.parallel, self.parts, self.size = parallel, list(parts), int(size)
+
+    @property
+    def local_bounds(self) -> list[tuple[int, int]]:
+        """Rows ``[start, end)`` of the batch held by each part."""
+        return self.parallel.local_bounds(self.size)
+
+    def local_rows(self) -> object:
+        """This worker's rows (contiguous in the batch), concatenated on the current device."""
+        return tf.nest.map_structure(lambda *values: tf.concat(values, axis=0), *self.parts)
+
+    def gathered(self) -> object:
+        """Every row of the batch, in order, on every worker (an all-gather across workers)."""
+        return self.parallel.gather(self.parts, self.size)
+
+    def columns(self, function: Callable[[object], tf.Tensor]) -> tf.Tensor:
+        """``function(rows)`` for a ``function`` returning one column per row, ``(queries, rows)``: each replica
+        computes its part on its device; the columns are gathered in batch order, ``(queries, size)``."""
+        columns = [self.parallel.on_replica(index, lambda part=part: function(part)) for index, part in enumerate(
+            self.parts)]
+        return self.parallel.gather(columns, self.size, axis=1)
 
 
 class DataParallel:
@@ -129,11 +230,29 @@ class DataParallel:
         self.strategy = resolve_strategy(strategy)
         self.replicas = int(self.strategy.num_replicas_in_sync)
         self._devices = tuple(self.strategy.extended.worker_devices) if self.replicas > 1 else ()
+        self._replica_ids = self._local_replica_ids() if self.replicas > 1 else (0,)
+        self._equal_shards = needs_equal_shards(self.strategy)
+
+    def _local_replica_ids(self) -> tuple[int, ...]:
+        """Ids in the sync group of this worker's replicas, in the order of ``worker_devices``."""
+        ids = []
+
+        def value_fn(context: tf.distribute.experimental.ValueContext):
+            ids.append(int(context.replica_id_in_sync_group))
+            return tf.zeros([])
+
+        self.strategy.experimental_distribute_values_from_function(value_fn)
+        return tuple(ids)
 
     @property
     def distributed(self) -> bool:
         """Whether batches are split: more than one replica, and not already inside a replica's shard."""
         return self.replicas > 1 and not _inside_replica.get()
+
+    @property
+    def padded(self) -> bool:
+        """Whether shards are padded to equal size: under ``TPUStrategy``, or forced by :func:`padded_shards`."""
+        return self._equal_shards or _pad_shards.get()
 
     @property
     def worker_index(self) -> int:
@@ -153,12 +272,34 @@ class DataParallel:
         system never write the same files)."""
         return os.path.join(path, f"worker_{self.worker_index}") if self.multi_worker else path
 
+    def layout(self) -> dict:
+        """What the rows a worker holds depend on (for fingerprints of per-worker files): empty unless the
+        replicas span several workers."""
+        if not self.multi_worker:
+            return {}
+        return {"replicas": self.replicas, "worker_replicas": list(self._replica_ids)}
+
+    def local_bounds(self, size: int) -> list[tuple[int, int]]:
+        """Rows ``[start, end)`` of a batch of ``size`` rows computed by each of this worker's replicas."""
+        return [shard_bounds(size, self.replicas, replica) for replica in self._replica_ids]
+
+    def on_replica(self, index: int, function: Callable[[], object]) -> object:
+        """``function()`` on the device of this worker's ``index``-th replica, as a computation of that replica
+        (a distributed pass inside it runs locally)."""
+        with tf.device(self._devices[index]):
+            token = _inside_replica.set(True)
+            try:
+                return function()
+            finally:
+                _inside_replica.reset(token)
+
     def check_identical(self, tensors, what: str, fix: str) -> None:
         """Raise a ValueError on every worker if ``tensors`` (any nesting) differ between workers.
 
         Compares, across workers, two float64 sums per tensor — of its entries and of its entries
         weighted by their position — so different values and a different order are both caught.
-        One small all-gather; nothing at all unless the replicas span several workers.
+        One small all-gather (of the sums' bits as int32, which every device supports); nothing at
+        all unless the replicas span several workers.
 
         Raises
         ------
@@ -167,17 +308,22 @@ class DataParallel:
         """
         if not (self.multi_worker and self.distributed):
             return
-        fingerprint = tf.stack([part for tensor in tf.nest.flatten(tensors) for part in _sums(tensor)])[None]
-
-        def value_fn(context: tf.distribute.experimental.ValueContext):
-            with tf.device(self._devices[int(context.replica_id_in_sync_group) % len(self._devices)]):
-                return tf.identity(fingerprint)
-
-        gathered = self._collective(self.strategy.experimental_distribute_values_from_function(value_fn), gather=True)
+        sums = tf.stack([part for tensor in tf.nest.flatten(tensors) for part in _sums(tensor)])
+        bits = tf.bitcast(sums, tf.int32)[None]
+        gathered = tf.bitcast(self._collective([bits] * len(self._replica_ids), "gather", 0), tf.float64)
         spread = tf.reduce_max(gathered, axis=0) - tf.reduce_min(gathered, axis=0)
         scale = tf.reduce_max(tf.abs(gathered), axis=0)
         if bool(tf.reduce_any(spread > 1e-6 * scale)):
             raise ValueError(f"{what} differ between the workers of the cluster: {fix}")
+
+    def union_across_workers(self, indices: list[int], limit: int = 10) -> list[int]:
+        """The ``limit`` smallest of the non-negative ``indices`` reported by any worker (one small all-gather on a
+        multi-worker cluster; ``indices`` sorted otherwise), so that every worker takes the same decision."""
+        if not (self.multi_worker and self.distributed):
+            return sorted(indices)[:limit]
+        mine = tf.constant([sorted(indices)[:limit] + [-1] * (limit - len(indices[:limit]))], tf.int64)
+        gathered = self._collective([mine] * len(self._replica_ids), "gather", 0).numpy()
+        return sorted({int(index) for index in gathered.ravel() if index >= 0})[:limit]
 
     def map_rows(self, function: Callable[..., object], batch: Batch, *args) -> object:
         """``function(batch, *args)`` for a per-sample ``function`` (outputs with one row per sample).
@@ -187,59 +333,135 @@ class DataParallel:
         """
         if not self.distributed:
             return function(batch, *args)
-        per_replica = self._per_replica(function, batch, args, keep_rows=True)
-        if self.multi_worker:
-            return self._collective(per_replica, gather=True)
-        return self._local(per_replica, lambda values: tf.concat(values, axis=0))
+        return self.gather(self._parts(function, batch, args, keep_rows=True), batch_size_of(batch))
+
+    def shard_rows(self, function: Callable[..., object], batch: Batch, *args) -> "RowShards | object":
+        """``function(batch, *args)`` for a per-sample ``function``, left on the replicas: a :class:`RowShards`
+        holding this worker's replicas' outputs (the plain output when not distributed)."""
+        if not self.distributed:
+            return function(batch, *args)
+        return RowShards(self, self._parts(function, batch, args, keep_rows=True), batch_size_of(batch))
+
+    def map_columns(self, function: Callable[[Batch, Batch], tf.Tensor], samples: Batch, batch: Batch) -> tf.Tensor:
+        """``function(samples, batch)`` for a ``function`` giving one column per row of ``batch``,
+        ``(len(samples), len(batch))``: each replica computes the columns of its shard of ``batch`` (against
+        all of ``samples``), gathered in row order."""
+        if not self.distributed:
+            return function(samples, batch)
+        return tf.transpose(self.map_rows(lambda shard: tf.transpose(function(samples, shard)), batch))
+
+    def split(self, rows: object, size: int) -> "RowShards | object":
+        """The rows of a batch of ``size`` held by this worker — every row (from :meth:`map_rows`), or only this
+        worker's (:meth:`RowShards.local_rows`) — as a :class:`RowShards`, each part copied to its replica's
+        device; ``rows`` itself when not distributed.
+
+        Raises
+        ------
+        ValueError
+            ``rows`` has neither ``size`` rows nor this worker's number of rows.
+        """
+        if not self.distributed:
+            return rows
+        bounds = self.local_bounds(size)
+        count = batch_size_of(rows)
+        first = 0 if count == size else bounds[0][0]
+        if count not in (size, bounds[-1][1] - bounds[0][0]):
+            raise ValueError(
+                f"{count} rows for a batch of {size} split over {self.replicas} replicas: expected {size} or this "
+                f"worker's {bounds[-1][1] - bounds[0][0]}."
+            )
+        parts = [
+            self.on_replica(index, lambda s=start, e=end: tf.nest.map_structure(
+                lambda value: tf.identity(value[s - first:e - first]), rows))
+            for index, (start, end) in enumerate(bounds)
+        ]
+        return RowShards(self, parts, size)
 
     def sum_rows(self, function: Callable[..., object], batch: Batch, *args) -> object:
         """``function(batch, *args)`` for a ``function`` that sums over the samples of ``batch``.
 
-        Each replica computes ``function`` on its shard of ``batch``; the outputs are all-reduced
-        (summed over replicas and workers).
+        Each replica computes ``function`` on its shard of ``batch`` (its real rows, never padding); the
+        outputs are all-reduced (summed over replicas and workers).
         """
         if not self.distributed:
             return function(batch, *args)
-        per_replica = self._per_replica(function, batch, args, keep_rows=False)
+        parts = self._parts(function, batch, args, keep_rows=False)
         if self.multi_worker:
-            return self._collective(per_replica, gather=False)
-        return self._local(per_replica, tf.add_n)
+            return self._collective(parts, "sum", 0)
+        return tf.nest.map_structure(lambda *values: tf.add_n(list(values)), *parts)
 
-    def _local(self, per_replica, combine: Callable[[list[tf.Tensor]], tf.Tensor]) -> object:
-        """Combine the replicas' values of one machine on the current device (no collective needed)."""
-        return tf.nest.map_structure(
-            lambda value: combine(list(self.strategy.experimental_local_results(value))), per_replica
-        )
+    def gather(self, parts: list, size: int, axis: int = 0) -> object:
+        """Concatenate the local replicas' ``parts`` of a batch of ``size`` rows along ``axis`` in replica
+        order, across workers too (all-gather).
 
-    def _collective(self, per_replica, gather: bool) -> object:
-        """All-gather (``gather``) or all-reduce the replicas' values across workers, in one compiled step."""
-        key = "_gather_step" if gather else "_reduce_step"
-        step = self.__dict__.get(key)
-        if step is None:
-            step = compiled_function(lambda values: self.strategy.run(_all_gather if gather else _all_sum, (values,)))
-            self.__dict__[key] = step
-        gathered = step(per_replica)
-        return tf.nest.map_structure(lambda value: self.strategy.experimental_local_results(value)[0], gathered)
+        ``parts[i]`` holds the rows :meth:`local_bounds` gives this worker's ``i``-th replica. With
+        :attr:`padded` shards, each part is zero-padded to :func:`padded_rows` along ``axis`` before the
+        collective and the padding dropped after it (:func:`valid_positions`).
+        """
+        padded = self.padded
+        if padded:
+            rows = padded_rows(size, self.replicas)
+            parts = [tf.nest.map_structure(lambda value: _pad_to(value, rows, axis), part) for part in parts]
+        if self.multi_worker:
+            combined = self._collective(parts, "gather", axis)
+        else:
+            combined = tf.nest.map_structure(lambda *values: tf.concat(values, axis=axis), *parts)
+        if not padded:
+            return combined
+        positions = tf.constant(valid_positions(size, self.replicas), tf.int32)
+        return tf.nest.map_structure(lambda value: tf.gather(value, positions, axis=axis), combined)
 
-    def _per_replica(self, function: Callable[..., object], batch: Batch, args: tuple, keep_rows: bool):
-        size = batch_size_of(batch)
+    def _collective(self, parts: list, operation: str, axis: int) -> object:
+        """All-gather along ``axis`` (``operation='gather'``) or all-reduce (``'sum'``) the local replicas'
+        ``parts`` across workers, in one compiled step per operation and axis."""
+        key = (operation, axis)
+        steps = self.__dict__.setdefault("_steps", {})
+        if key not in steps:
+            replica_function = functools.partial(_all_gather, axis=axis) if operation == "gather" else _all_sum
+            steps[key] = compiled_function(lambda values: self.strategy.run(replica_function, (values,)))
+        local_index = {replica: index for index, replica in enumerate(self._replica_ids)}
 
         def value_fn(context: tf.distribute.experimental.ValueContext):
-            replica = int(context.replica_id_in_sync_group)
-            start, end = shard_bounds(size, self.replicas, replica)
-            with tf.device(self._devices[replica % len(self._devices)]):
-                token = _inside_replica.set(True)
-                try:
-                    if end > start:
-                        return function(_rows(batch, start, end), *args)
-                    # No row for this replica (a batch smaller than the number of replicas): compute one
-                    # row for the output's dtype and shape, and contribute nothing.
-                    value = function(_rows(batch, size - 1, size), *args)
-                    return tf.nest.map_structure(lambda t: t[:0] if keep_rows else tf.zeros_like(t), value)
-                finally:
-                    _inside_replica.reset(token)
+            index = local_index[int(context.replica_id_in_sync_group)]
+            with tf.device(self._devices[index]):
+                return tf.nest.map_structure(tf.identity, parts[index])
 
-        return self.strategy.experimental_distribute_values_from_function(value_fn)
+        per_replica = self.strategy.experimental_distribute_values_from_function(value_fn)
+        combined = steps[key](per_replica)
+        return tf.nest.map_structure(lambda value: self.strategy.experimental_local_results(value)[0], combined)
+
+    def _parts(self, function: Callable[..., object], batch: Batch, args: tuple, keep_rows: bool) -> list:
+        """``function`` on each local replica's shard of ``batch``, on its device: per-sample outputs (real rows
+        only) when ``keep_rows``, else sums."""
+        size = batch_size_of(batch)
+        padded = keep_rows and self.padded
+        rows = padded_rows(size, self.replicas)
+
+        def compute(start: int, end: int):
+            if padded:
+                value = function(_padded_shard(batch, size, start, end, rows), *args)
+                return tf.nest.map_structure(lambda t: t[: end - start], value)
+            if end > start:
+                return function(_rows(batch, start, end), *args)
+            # No row for this replica (a batch smaller than the number of replicas): compute one row for the
+            # output's dtype and shape, and contribute nothing.
+            value = function(_rows(batch, size - 1, size), *args)
+            return tf.nest.map_structure(lambda t: t[:0] if keep_rows else tf.zeros_like(t), value)
+
+        return [
+            self.on_replica(index, lambda s=start, e=end: compute(s, e))
+            for index, (start, end) in enumerate(self.local_bounds(size))
+        ]
+
+
+def _pad_to(value: tf.Tensor, rows: int, axis: int) -> tf.Tensor:
+    """``value`` zero-padded at the end of ``axis`` to ``rows`` entries."""
+    missing = rows - int(value.shape[axis])
+    if missing == 0:
+        return value
+    paddings = [[0, 0]] * value.shape.rank
+    paddings[axis] = [0, missing]
+    return tf.pad(value, paddings)
 
 
 def _sums(tensor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -249,11 +471,11 @@ def _sums(tensor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.reduce_sum(flat), tf.reduce_sum(flat * positions)
 
 
-def _all_gather(values):
-    """Replica function: all-gather each value along axis 0 (shards may differ in length). The identity
-    re-creates the value inside the replica's device scope, which the collective addresses."""
+def _all_gather(values, axis: int):
+    """Replica function: all-gather each value along ``axis`` (shards may differ in length unless padded). The
+    identity re-creates the value inside the replica's device scope, which the collective addresses."""
     context = tf.distribute.get_replica_context()
-    return tf.nest.map_structure(lambda value: context.all_gather(tf.identity(value), axis=0), values)
+    return tf.nest.map_structure(lambda value: context.all_gather(tf.identity(value), axis=axis), values)
 
 
 def _all_sum(values):

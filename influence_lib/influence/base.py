@@ -20,6 +20,7 @@ Values and influence vectors carry the calculator's :attr:`~SelfInfluenceCalcula
 float64 when its model computes in float64 (every weight of a float64 Keras model), float32
 otherwise (:data:`VALUE_DTYPE`, also for float16, bfloat16 and mixed-precision models).
 """
+import functools
 import itertools
 import os
 import shutil
@@ -34,7 +35,7 @@ from itertools import zip_longest
 import keras
 import tensorflow as tf
 
-from ..common.distribute import SAME_DATA, data_parallel
+from ..common.distribute import SAME_DATA, RowShards, data_parallel
 from ..common.datasets import (
     Batch,
     batch_size_of,
@@ -51,7 +52,7 @@ from ..common.errors import NonFiniteError
 from ..common.memory import memory_budget_bytes, warn_over_budget
 from ..common.progress import known_cardinality, progress
 from ..common.streams import GeneratorDataset
-from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
+from ..common.top_k import ShardedTopK, StreamingTopK, TopK, check_top_k_arguments
 from ..common.storage import ShardStore, atomic_directory, fingerprint_dataset, fingerprint_variables
 from ..common.vector_cache import open_vectors, read_vectors, save_vectors
 from ..model.influence_model import InfluenceModel, compute_dtype_of
@@ -72,20 +73,52 @@ def result_dtype(model) -> tf.DType:
     return VALUE_DTYPE
 
 
-def _check_finite(values: tf.Tensor, first_index: int, what: str) -> tf.Tensor:
+def _non_finite_rows(values: tf.Tensor, first_index: int) -> list[int]:
+    """Training indices (at most 10) of the rows of ``values`` holding a NaN or an infinity; the first row is
+    sample ``first_index``."""
     finite = tf.math.is_finite(values)
-    if not bool(tf.reduce_all(finite)):
-        bad = tf.where(~tf.reduce_all(tf.reshape(finite, [tf.shape(finite)[0], -1]), axis=1))[:, 0]
-        indices = (bad.numpy() + first_index).tolist()[:10]
+    if bool(tf.reduce_all(finite)):
+        return []
+    bad = tf.where(~tf.reduce_all(tf.reshape(finite, [tf.shape(finite)[0], -1]), axis=1))[:, 0]
+    return (bad.numpy() + first_index).tolist()[:10]
+
+
+def _raise_non_finite(indices: list[int], what: str) -> None:
+    if indices:
         raise NonFiniteError(
             f"{what} are NaN or infinite for the samples at indices {indices}: their loss or gradients are not "
             "finite (check those inputs and labels), or the Hessian is ill-conditioned (use damping)."
         )
+
+
+def _check_finite(values: tf.Tensor, first_index: int, what: str) -> tf.Tensor:
+    _raise_non_finite(_non_finite_rows(values, first_index), what)
     return values
 
 
 def _as_vector(values: tf.Tensor) -> tf.Tensor:
     return values if values.shape.rank == 1 else tf.reshape(values, [-1])
+
+
+def _as_row(values: tf.Tensor) -> tf.Tensor:
+    """Self-influence values ``(rows,)`` as the scores of one query, ``(1, rows)``."""
+    return values[None]
+
+
+def _finite_shards(
+    shards: RowShards, convert: Callable[[tf.Tensor], tf.Tensor], first_index: int, what: str
+) -> RowShards:
+    """``shards`` with ``convert`` applied to each part, refused on every worker if any worker's rows hold a NaN
+    or an infinity (the indices are agreed across workers: a worker raising alone would leave the others
+    waiting in their next collective)."""
+    parts = [convert(part) for part in shards.parts]
+    bad = [
+        index
+        for part, (start, _) in zip(parts, shards.local_bounds)
+        for index in _non_finite_rows(part, first_index + start)
+    ]
+    _raise_non_finite(shards.parallel.union_across_workers(bad), what)
+    return RowShards(shards.parallel, parts, shards.size)
 
 
 @contextmanager
@@ -186,7 +219,11 @@ class SelfInfluenceCalculator(ABC):
         self._check_dataset(train_set, "train_set")
         check_fixed_order(train_set, "train_set")
 
-    def _self_influence_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+    def _self_influence_batches(
+        self, train_set: tf.data.Dataset, sharded: bool = False
+    ) -> Iterator[tuple[Batch, "tf.Tensor | RowShards"]]:
+        """``(batch, values)`` of ``train_set``; with ``sharded`` under a strategy, the values stay on the replicas
+        that computed them (a :class:`RowShards` of this worker's rows)."""
         parallel = data_parallel(self.strategy)
         offset = 0
         batches = progress(
@@ -196,9 +233,17 @@ class SelfInfluenceCalculator(ABC):
             if offset == 0:
                 parallel.check_identical(batch, "The first training batches", SAME_DATA)
             with _located(offset):
-                values = parallel.map_rows(self._compute_influence_value_from_batch, batch)
-                values = tf.cast(_as_vector(values), self.value_dtype)
-            yield batch, _check_finite(values, offset, "Self-influence values")
+                if sharded and parallel.distributed:
+                    shards = parallel.shard_rows(self._compute_influence_value_from_batch, batch)
+                    values = _finite_shards(
+                        shards, lambda part: tf.cast(_as_vector(part), self.value_dtype), offset,
+                        "Self-influence values"
+                    )
+                else:
+                    values = parallel.map_rows(self._compute_influence_value_from_batch, batch)
+                    values = tf.cast(_as_vector(values), self.value_dtype)
+                    values = _check_finite(values, offset, "Self-influence values")
+            yield batch, values
             offset += batch_size_of(batch)
 
     def compute_influence_values(self, train_set: tf.data.Dataset, device: str | None = None) -> tf.data.Dataset:
@@ -231,7 +276,8 @@ class SelfInfluenceCalculator(ABC):
     ) -> TopK:
         """The k training samples with the largest (or smallest) self-influence, streaming.
 
-        Memory is O(k) whatever the size of ``train_set``.
+        Memory is O(k) whatever the size of ``train_set``. Under a strategy each replica keeps the top k
+        of its own rows and the candidates are merged (:class:`~influence_lib.common.top_k.ShardedTopK`).
 
         Returns
         -------
@@ -240,13 +286,19 @@ class SelfInfluenceCalculator(ABC):
             best first, and training-set indices ``(k,)``. Fewer than k when the set is smaller.
         """
         self._check_train_set(train_set)
-        best = StreamingTopK(k, order)
+        check_top_k_arguments(k, order)
+        best = None
         offset = 0
-        for batch, values in self._self_influence_batches(train_set):
+        for batch, values in self._self_influence_batches(train_set, sharded=True):
             size = batch_size_of(batch)
-            best.update(values[None], tf.range(offset, offset + size, dtype=tf.int64), inputs_of(batch))
+            if isinstance(values, RowShards):
+                best = best or ShardedTopK(values.parallel, k, order)
+                best.update(values, _as_row, offset, inputs_of(batch))
+            else:
+                best = best or StreamingTopK(k, order)
+                best.update(values[None], tf.range(offset, offset + size, dtype=tf.int64), inputs_of(batch))
             offset += size
-        result = best.result()
+        result = (best or StreamingTopK(k, order)).result()
         return TopK(tf.nest.map_structure(lambda s: s[0], result.samples), result.values[0], result.indices[0])
 
 
@@ -324,15 +376,22 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         objects it holds (curvature, ...), a hash of all weights of every model it uses, a hash of the
         tensors it fitted (see :mod:`influence_lib.influence._fingerprint`); and the training data: its
         structure, batch sizes and a hash of its whole contents (one pass reading data only).
-        Attributes named in ``_fingerprint_ignored`` (e.g. ``show_progress``) are left out.
+        Attributes named in ``_fingerprint_ignored`` (e.g. ``show_progress``) are left out. On a multi-worker
+        cluster, where each worker stores only its replicas' rows, the layout of the rows too.
         """
-        return {
+        fingerprint = {
             **calculator_state(self, self._fingerprint_ignored),
             **self._cache_fingerprint(),
             "data": fingerprint_dataset(train_set, batches=-1),
         }
+        layout = data_parallel(self.strategy).layout()
+        return {**fingerprint, "rows": layout} if layout else fingerprint
 
-    def _influence_vector_batches(self, train_set: tf.data.Dataset) -> Iterator[tuple[Batch, tf.Tensor]]:
+    def _influence_vector_batches(
+        self, train_set: tf.data.Dataset, sharded: bool = False
+    ) -> Iterator[tuple[Batch, "tf.Tensor | RowShards"]]:
+        """``(batch, vectors)`` of ``train_set``; with ``sharded`` under a strategy, the vectors stay on the replicas
+        that computed them (a :class:`RowShards` of this worker's rows) instead of being gathered."""
         parallel = data_parallel(self.strategy)
         offset = 0
         batches = progress(
@@ -345,8 +404,14 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             if offset == 0:
                 parallel.check_identical(batch, "The first training batches", SAME_DATA)
             with _located(offset):
-                vectors = tf.cast(parallel.map_rows(self._compute_influence_vector, batch), self.value_dtype)
-            yield batch, _check_finite(vectors, offset, "Influence vectors")
+                if sharded and parallel.distributed:
+                    shards = parallel.shard_rows(self._compute_influence_vector, batch)
+                    cast = functools.partial(tf.cast, dtype=self.value_dtype)
+                    vectors = _finite_shards(shards, cast, offset, "Influence vectors")
+                else:
+                    vectors = tf.cast(parallel.map_rows(self._compute_influence_vector, batch), self.value_dtype)
+                    vectors = _check_finite(vectors, offset, "Influence vectors")
+            yield batch, vectors
             offset += batch_size_of(batch)
 
     def compute_influence_vector(
@@ -377,19 +442,24 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         if save_influence_vector_ds_path is not None:
             with device_scope(device):
                 self._save_influence_vectors(train_set, save_influence_vector_ds_path)
-            make_pairs = self._vector_source(train_set, CACHE.DISK, save_influence_vector_ds_path, None)
+            stored = self._vector_source(train_set, CACHE.DISK, save_influence_vector_ds_path, None)
+            make_pairs = _gathering(stored)
         else:
             make_pairs = lambda: self._influence_vector_batches(train_set)
         signature = (train_set.element_spec, tf.TensorSpec((None, None), self.value_dtype))
         return GeneratorDataset(on_device(device, make_pairs), signature, cardinality=known_cardinality(train_set))
 
     def _save_influence_vectors(self, train_set: tf.data.Dataset, path: str) -> None:
-        self._write_vectors((vectors for _, vectors in self._influence_vector_batches(train_set)), path, train_set)
+        batches = self._influence_vector_batches(train_set, sharded=True)
+        self._write_vectors((vectors for _, vectors in batches), path, train_set)
 
-    def _write_vectors(self, vector_batches: Iterator[tf.Tensor], path: str, train_set: tf.data.Dataset) -> None:
+    def _write_vectors(self, vector_batches: Iterator, path: str, train_set: tf.data.Dataset) -> None:
+        """Save vector batches (tensors, or :class:`RowShards` of which this worker's rows are written) to ``path``
+        (``path/worker_INDEX`` on a multi-worker cluster)."""
         fingerprint = self._disk_fingerprint(train_set)
         path = data_parallel(self.strategy).worker_path(path)
-        save_vectors(vector_batches, path, fingerprint, self.value_dtype)
+        local = (vectors.local_rows() if isinstance(vectors, RowShards) else vectors for vectors in vector_batches)
+        save_vectors(local, path, fingerprint, self.value_dtype)
 
     def _vector_source(
         self,
@@ -406,6 +476,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             self._save_influence_vectors(train_set, save_path)
             load_path = save_path
         temporary = None
+        parallel = data_parallel(self.strategy)
         if load_path is None and cache == CACHE.MEMORY:
             vectors, first, temporary = self._vectors_in_memory(train_set)
             if temporary is None:
@@ -421,27 +492,31 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             first = _batch_digest(next(iterate_batches(train_set, "train_set")))
             if cache == CACHE.MEMORY and self._fits_in_memory(store, worker_path):
                 vectors = [tf.constant(array) for array in read_vectors(store)]
-                return lambda: _pair_with_batches(train_set, vectors, first)
-            return lambda: _pair_with_batches(train_set, map(tf.constant, read_vectors(store)), first, temporary)
-        return lambda: self._influence_vector_batches(train_set)
+                return lambda: _pair_with_batches(train_set, vectors, first, parallel=parallel)
+            return lambda: _pair_with_batches(
+                train_set, map(tf.constant, read_vectors(store)), first, temporary, parallel
+            )
+        return lambda: self._influence_vector_batches(train_set, sharded=True)
 
     def _vectors_in_memory(
         self, train_set: tf.data.Dataset
-    ) -> tuple[list[tf.Tensor], str | None, "_TemporaryCache | None"]:
+    ) -> tuple[list["tf.Tensor | RowShards"], str | None, "_TemporaryCache | None"]:
         """The influence vectors of ``train_set`` as a list of batches with the digest of the first training
         batch, or, when they would not fit in the memory budget (:mod:`influence_lib.common.memory`), a
-        temporary disk cache holding them."""
+        temporary disk cache holding them. Under a strategy each batch is a :class:`RowShards`: a worker
+        keeps (and counts against its budget, and writes to disk) only the rows of its own replicas."""
         budget = memory_budget_bytes()
-        batches = self._influence_vector_batches(train_set)
+        batches = self._influence_vector_batches(train_set, sharded=True)
         kept, stored, first = [], 0, None
         for batch, vectors in batches:
             first = _batch_digest(batch) if first is None else first
             kept.append(vectors)
-            stored += vectors.shape.num_elements() * vectors.dtype.size
+            parts = vectors.parts if isinstance(vectors, RowShards) else [vectors]
+            stored += sum(part.shape.num_elements() * part.dtype.size for part in parts)
             planned = max(stored, stored * (known_cardinality(train_set) or 0) // len(kept))
             if budget is not None and planned > budget:
                 warn_over_budget(
-                    f"The training set's influence vectors ({int(vectors.shape[1])} floats per sample)",
+                    f"The training set's influence vectors ({int(parts[0].shape[1])} floats per sample)",
                     planned,
                     budget,
                     "they are written to a temporary directory on disk instead (CACHE.DISK); pass "
@@ -521,7 +596,12 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             def generate():
                 for batch, vectors in source():
                     with device_scope(device):
-                        values = self._estimate_influence_value_from_influence_vector(evaluated, vectors)
+                        if isinstance(vectors, RowShards):  # scored on each replica, gathered as columns
+                            values = vectors.columns(
+                                functools.partial(self._estimate_influence_value_from_influence_vector, evaluated)
+                            )
+                        else:
+                            values = self._estimate_influence_value_from_influence_vector(evaluated, vectors)
                     yield batch, values
 
             return GeneratorDataset(generate, signature, cardinality=known_cardinality(train_set))
@@ -601,6 +681,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             source = self._vector_source(
                 train_set, influence_vector_in_cache, load_influence_vector_ds_path, save_influence_vector_ds_path
             )
+        if not isinstance(nearest_neighbors, LinearNearestNeighbors):  # a custom search gets every row
+            source = _gathering(source)
         nearest_neighbors.build(
             source, self._estimate_influence_value_from_influence_vector, k, d_type=values_dtype, order=order
         )
@@ -663,14 +745,30 @@ def _batch_digest(batch: Batch) -> str:
     return fingerprint_variables(tf.nest.flatten(batch))
 
 
+def _gathered(vectors: "tf.Tensor | RowShards") -> tf.Tensor:
+    """Every row of a batch's influence vectors (gathered from the replicas when split)."""
+    return vectors.gathered() if isinstance(vectors, RowShards) else vectors
+
+
+def _gathering(make_pairs: Callable[[], Iterator]) -> Callable[[], Iterator[tuple[Batch, tf.Tensor]]]:
+    """``make_pairs`` with every batch's influence vectors gathered (:func:`_gathered`)."""
+    return lambda: ((batch, _gathered(vectors)) for batch, vectors in make_pairs())
+
+
 def _pair_with_batches(
-    train_set: tf.data.Dataset, vector_batches, first_digest: str, keep_alive: _TemporaryCache | None = None
-) -> Iterator[tuple[Batch, tf.Tensor]]:
+    train_set: tf.data.Dataset,
+    vector_batches,
+    first_digest: str,
+    keep_alive: _TemporaryCache | None = None,
+    parallel=None,
+) -> Iterator[tuple[Batch, "tf.Tensor | RowShards"]]:
     """Zip training batches with their stored influence vectors; raise if the two disagree.
 
     ``first_digest`` is the hash of the first training batch when the vectors were made: a pass whose
     first batch differs (a pipeline that reshuffles or augments at random, hidden in a generator) is
     refused. ``keep_alive`` is the temporary cache the vectors are read from, held until the pass ends.
+    Vectors read from disk under a distributing ``parallel`` (this worker's rows of each batch) are split
+    onto its replicas (:meth:`DataParallel.split`).
     """
     pairs = zip_longest(iterate_batches(train_set, "train_set"), vector_batches)
     for index, (batch, vectors) in enumerate(pairs):
@@ -679,7 +777,13 @@ def _pair_with_batches(
                 "train_set yields other samples or another order than when its influence vectors were computed "
                 "(a pipeline that reshuffles or augments at random on each pass). " + _RESHUFFLE_FIX
             )
-        if batch is None or vectors is None or batch_size_of(batch) != size_of(vectors):
+        if batch is not None and vectors is not None and parallel is not None and parallel.distributed:
+            try:
+                vectors = parallel.split(vectors, batch_size_of(batch))
+            except ValueError:
+                vectors = None
+        rows = vectors.size if isinstance(vectors, RowShards) else None if vectors is None else size_of(vectors)
+        if batch is None or rows != batch_size_of(batch):
             raise ValueError(
                 "The training set does not match its cached influence vectors (different size or batching, "
                 "or a dataset that reshuffles each iteration). Recompute the cache for this training set, "

@@ -50,7 +50,8 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
 
     The whole batch is attacked at once: every sample takes its DeepFool steps together with the
     others (one vectorized input-Jacobian per step), and samples that reached the boundary are
-    frozen by a mask. The model's weights are only read.
+    frozen by a mask. The model's weights are only read. The attack runs in :attr:`value_dtype`:
+    float64 for a float64 model, else float32.
 
     Parameters
     ----------
@@ -96,7 +97,7 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
     @compiled_function
     def _boundary_distances(self, inputs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Distances ``(B,)`` and whether each sample's outputs at the start are finite ``(B,)``."""
-        inputs = tf.cast(inputs, tf.float32)
+        inputs = tf.cast(inputs, self.value_dtype)
         sample_shape = tf.shape(inputs)[1:]
         batch = tf.shape(inputs)[0]
 
@@ -108,7 +109,7 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
                     "SampleBoundaryCalculator needs a classifier returning one tensor of class scores, got "
                     f"{type(outputs).__name__}: explain one head at a time."
                 )
-            outputs = tf.cast(outputs, tf.float32)
+            outputs = tf.cast(outputs, self.value_dtype)
             check_classifier_outputs(outputs, "The model")
             return outputs
 

@@ -36,6 +36,8 @@ from .boundary_sample import check_single_output, checked_distances
 class WeightsBoundaryCalculator(SelfInfluenceCalculator):
     """Minus the ℓ_p distance in the last layer's weight space to the boundary that flips each sample.
 
+    The attack runs in :attr:`value_dtype`: float64 for a float64 model, else float32.
+
     Parameters
     ----------
     model
@@ -81,13 +83,13 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
     @compiled_function
     def _weight_distances(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
         """Distances ``(B,)`` and whether each sample's head outputs at the start are finite ``(B,)``."""
-        features = tf.cast(self.head.features(inputs, training=False), tf.float32)
-        kernel = tf.cast(self.head.kernel, tf.float32)
+        features = tf.cast(self.head.features(inputs, training=False), self.value_dtype)
+        kernel = tf.cast(self.head.kernel, self.value_dtype)
         in_dim, classes = kernel.shape
         batch = tf.shape(features)[0]
         parameters = [tf.reshape(kernel, [-1])]
         if self.head.bias is not None:
-            parameters.append(tf.cast(self.head.bias, tf.float32))
+            parameters.append(tf.cast(self.head.bias, self.value_dtype))
         start = tf.tile(tf.concat(parameters, axis=0)[None], [batch, 1])
 
         def outputs_of(points: tf.Tensor) -> tf.Tensor:
@@ -95,7 +97,7 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
             logits = tf.einsum("bd,bdc->bc", features, kernels)
             if self.head.bias is not None:
                 logits = logits + points[:, in_dim * classes :]
-            outputs = tf.cast(self.head.activation(logits), tf.float32)
+            outputs = tf.cast(self.head.activation(logits), self.value_dtype)
             check_classifier_outputs(outputs, "The model's last layer")
             return outputs
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import Batch
-from ..common.distribute import check_strategy
+from ..common.distribute import check_strategy, data_parallel
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
 from ..model.projection import GradientProjector, Projection
@@ -100,13 +100,17 @@ class GradDot(BaseInfluenceCalculator):
             squared = tf.reduce_sum(tf.square(self._projector.project_tensor(train_samples)), axis=1)
         return tf.math.divide_no_nan(squared, squared) if self.normalized else squared
 
-    @compiled_method
     def influence_between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
         """Scores of every training sample of one batch on every sample of another, shape ``(test, train)``.
 
         Without projection and with the loss on both sides, Dense layers use the factored Gram
-        ``⟨g_i, g_j⟩`` of :meth:`InfluenceModel.batch_gradient_dot_tensor` (no gradient formed).
+        ``⟨g_i, g_j⟩`` of :meth:`InfluenceModel.batch_gradient_dot_tensor` (no gradient formed). Under a
+        strategy the training batch is split across the replicas, each scoring its rows.
         """
+        return data_parallel(self.strategy).map_columns(self._between_batches, samples_to_evaluate, train_samples)
+
+    @compiled_method
+    def _between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
         samples_to_evaluate, train_samples = tuple(samples_to_evaluate), tuple(train_samples)
         if self._projector is not None or self.query_model is not self.model:
             return tf.matmul(

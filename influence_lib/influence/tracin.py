@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from ..common.compiled import compiled_method
 from ..common.datasets import Batch
-from ..common.distribute import check_strategy
+from ..common.distribute import check_strategy, data_parallel
 from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
@@ -341,15 +341,19 @@ class TracIn(BaseInfluenceCalculator):
             ]
         )
 
-    @compiled_method
     def influence_between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
         """TracIn of every training sample of one batch on every sample of another, shape ``(test, train)``.
 
         Uses :meth:`InfluenceModel.batch_gradient_dot_tensor` per checkpoint (closed forms where the
         model has them), without building influence vectors. Like every per-batch computation of
         TracIn, one ``tf.function`` covers all checkpoints (one call per batch, not one per checkpoint).
-        With a projection, the dot products of the projected gradients.
+        With a projection, the dot products of the projected gradients. Under a strategy the training
+        batch is split across the replicas, each scoring its rows against every sample to evaluate.
         """
+        return data_parallel(self.strategy).map_columns(self._between_batches, samples_to_evaluate, train_samples)
+
+    @compiled_method
+    def _between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
         if self._projectors is not None:
             return tf.add_n([
                 rate * tf.matmul(

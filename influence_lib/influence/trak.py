@@ -335,9 +335,9 @@ class TRAK(BaseInfluenceCalculator):
         scaled = solved * tf.cast(weights, tf.float64)[:, None, None] / len(self.models)
         return tf.cast(tf.reshape(scaled, [tf.shape(scaled)[0], -1]), self.value_dtype)
 
-    def _influence_vector_batches(self, train_set: tf.data.Dataset):
+    def _influence_vector_batches(self, train_set: tf.data.Dataset, sharded: bool = False):
         if self._store is None or fingerprint_dataset(train_set) != self._train_fingerprint:
-            yield from super()._influence_vector_batches(train_set)
+            yield from super()._influence_vector_batches(train_set, sharded)
             return
         offset = 0
         for batch, features, weights in self._feature_batches(train_set, "Influence vectors"):
@@ -357,7 +357,12 @@ class TRAK(BaseInfluenceCalculator):
         return tf.reduce_sum(tf.reshape(features, tf.shape(vectors)) * vectors, axis=1)
 
     def influence_between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
-        """TRAK scores of every training sample of one batch on every sample of another, ``(test, train)``."""
+        """TRAK scores of every training sample of one batch on every sample of another, ``(test, train)``.
+
+        Under a strategy the training batch is split across the replicas, each scoring its rows."""
+        return data_parallel(self.strategy).map_columns(self._between_batches, samples_to_evaluate, train_samples)
+
+    def _between_batches(self, samples_to_evaluate: Batch, train_samples: Batch) -> tf.Tensor:
         return tf.matmul(
             self._preprocess_samples(tuple(samples_to_evaluate)),
             self._compute_influence_vector(tuple(train_samples)),

@@ -7,14 +7,16 @@ evaluate, the k training samples with the largest (or smallest) influence. The d
 can index the vectors instead (e.g. an approximate inner-product search) by implementing
 :meth:`BaseNearestNeighbors.build` and :meth:`BaseNearestNeighbors.search`.
 """
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 
 import tensorflow as tf
 
 from ..common.datasets import batch_size_of, inputs_of
+from ..common.distribute import RowShards
 from ..common.enums import ORDER
-from ..common.top_k import StreamingTopK, TopK, check_top_k_arguments
+from ..common.top_k import ShardedTopK, StreamingTopK, TopK, check_top_k_arguments
 
 Score = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
@@ -66,7 +68,10 @@ class LinearNearestNeighbors(BaseNearestNeighbors):
 
     Each pass scores a whole training batch against all queries at once (one matrix product) and
     merges it into a :class:`~influence_lib.common.top_k.StreamingTopK`: memory O(queries · k)
-    plus one training batch, whatever the size of the training set.
+    plus one training batch, whatever the size of the training set. Influence vectors split across
+    the replicas of a ``tf.distribute`` strategy (:class:`~influence_lib.common.distribute.RowShards`)
+    are scored where they are, each replica keeping its own top-k, and the candidates merged
+    (:class:`~influence_lib.common.top_k.ShardedTopK`).
     """
 
     def __init__(self):
@@ -87,14 +92,20 @@ class LinearNearestNeighbors(BaseNearestNeighbors):
     def search(self, vectors: tf.Tensor) -> TopK:
         if self._pairs is None:
             raise ValueError("Call build(dataset, dot_product_fun, k) before searching.")
-        best = StreamingTopK(self.k, self.order)
+        best = None
         offset = 0
         for train_batch, influence_vectors in self._pairs():
             size = batch_size_of(train_batch)
-            scores = self.dot_product_fun(vectors, influence_vectors)
-            best.update(scores, tf.range(offset, offset + size, dtype=tf.int64), inputs_of(train_batch))
+            if isinstance(influence_vectors, RowShards):
+                best = best or ShardedTopK(influence_vectors.parallel, self.k, self.order)
+                score = functools.partial(self.dot_product_fun, vectors)
+                best.update(influence_vectors, score, offset, inputs_of(train_batch))
+            else:
+                best = best or StreamingTopK(self.k, self.order)
+                scores = self.dot_product_fun(vectors, influence_vectors)
+                best.update(scores, tf.range(offset, offset + size, dtype=tf.int64), inputs_of(train_batch))
             offset += size
-        result = best.result()
+        result = (best or StreamingTopK(self.k, self.order)).result()
         if self.d_type is None:
             return result
         return TopK(result.samples, tf.cast(result.values, self.d_type), result.indices)

@@ -10,13 +10,18 @@ every calculator on the same tiny problems and saves their outputs:
   the outputs of first-order, Arnoldi, TracIn and EK-FAC go under ``multiworker/NAME``, and worker 0 adds
   the same outputs computed in one process as ``single/NAME``.
 
+In ``mirrored`` and ``multiworker`` modes, a subset is also computed with the shards padded to equal
+size (:func:`influence_lib.padded_shards`, the ``TPUStrategy`` path) under ``padded/NAME``.
+
 Influence vectors saved to disk go under the directory ``SCENARIO_CACHE`` (environment).
 The training set has 29 samples in batches of 7 (shards of 3 and 4 rows, then a last batch of one
-row that leaves a replica without rows).
+row that leaves a replica without rows). A second training set (``ties``) repeats 6 samples, so that
+top-k meets exact ties across batches and replicas.
 """
 import contextlib
 import os
 import sys
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -102,6 +107,124 @@ def _summed_shard_rows():
         DataParallel.sum_rows = original
 
 
+def ties_problem():
+    """29 training samples that repeat 6 distinct ones (sample ``i`` is sample ``i mod 6``), batches of 7, and
+    the model and test set of :func:`_problems`: exact ties between samples of different batches and replicas."""
+    model, train, _, _, _ = _problems()
+    x, y = (np.concatenate([tensor.numpy() for tensor in parts]) for parts in zip(*train))
+    repeated = np.arange(N_TRAIN) % 6
+    return model, tf.data.Dataset.from_tensor_slices((x[repeated], y[repeated])).batch(BATCH), x[repeated], y[repeated]
+
+
+@contextlib.contextmanager
+def _merged_candidates():
+    """Record the number of candidates per query that ``ShardedTopK`` merges inside the block."""
+    from influence_lib.common import top_k
+
+    original, counts = top_k.merge_candidates, []
+
+    def recording(candidates, *args):
+        counts.append(int(candidates.values.shape[1]))
+        return original(candidates, *args)
+
+    top_k.merge_candidates = recording
+    try:
+        yield counts
+    finally:
+        top_k.merge_candidates = original
+
+
+def sharding_outputs(strategy: tf.distribute.Strategy | None, exact) -> dict[str, np.ndarray]:
+    """What the split influence-vector cache and the per-replica top-k give: the rows each replica holds in the
+    in-memory cache, values and top-k from a cache over the memory budget (per-worker temporary disk cache),
+    top-k with ties (GradDot on :func:`ties_problem`, both orders, pairwise and self-influence), and
+    ``influence_between_batches``."""
+    import influence_lib as il
+
+    from influence_lib.common.distribute import RowShards
+    from influence_lib.common.memory import BUDGET_VARIABLE
+
+    model, train, test, checkpoints, deep = _problems()
+    out = {}
+    vectors, _, _ = exact._vectors_in_memory(train)
+    out["exact/cache_shard_rows"] = np.array([
+        [int(part.shape[0]) for part in batch.parts] if isinstance(batch, RowShards) else [int(batch.shape[0])]
+        for batch in vectors
+    ])
+    os.environ[BUDGET_VARIABLE] = "500"  # 29 × 15 floats × 4 bytes = 1740 bytes: over the budget on every worker
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["exact/over_budget_pairwise"] = _pairwise(exact.estimate_influence_values_in_batches(test, train))
+            values, indices = _top_k(exact.top_k(test, train, K))
+            out["exact/over_budget_top_k_values"], out["exact/over_budget_top_k_indices"] = values, indices
+    finally:
+        del os.environ[BUDGET_VARIABLE]
+    out["exact/over_budget_warnings"] = np.array(sum("budget" in str(w.message) for w in caught))
+    no_cache = il.CACHE.NO_CACHE  # the vectors recomputed, still split, for every batch to evaluate
+    out["exact/no_cache_pairwise"] = _pairwise(exact.estimate_influence_values_in_batches(test, train, no_cache))
+    values, indices = _top_k(exact.top_k(test, train, K, il.ORDER.ASCENDING, influence_vector_in_cache=no_cache))
+    out["exact/no_cache_bottom_k_values"], out["exact/no_cache_bottom_k_indices"] = values, indices
+    tie_model, tie_train, _, _ = ties_problem()
+    graddot = il.GradDot(tie_model, show_progress=False, strategy=strategy)
+    with _merged_candidates() as counts:
+        for order, name in ((il.ORDER.DESCENDING, "top"), (il.ORDER.ASCENDING, "bottom")):
+            values, indices = _top_k(graddot.top_k(test, tie_train, 3, order))
+            out[f"ties/{name}_k_values"], out[f"ties/{name}_k_indices"] = values, indices
+        for order, name in ((il.ORDER.DESCENDING, "self_top"), (il.ORDER.ASCENDING, "self_bottom")):
+            best = graddot.compute_top_k_from_training_dataset(tie_train, 4, order)
+            out[f"ties/{name}_k_values"], out[f"ties/{name}_k_indices"] = best.values.numpy(), best.indices.numpy()
+    out["ties/candidates_shard_rows"] = np.array(counts)
+    queries = next(iter(test))
+    train_batches = list(train)
+    between = {
+        "tracin": il.TracIn(checkpoints, [0.1, 0.05], show_progress=False, strategy=strategy),
+        "graddot": il.GradDot(model, show_progress=False, strategy=strategy),
+        "trak": il.TRAK(il.InfluenceModel(deep, start_layer=0, last_layer=1), train, il.Projection(8, seed=1),
+                        show_progress=False, strategy=strategy),
+    }
+    for name, calculator in between.items():
+        # A batch of 7 (shards of 3 and 4 rows) and the last batch of one row (a replica without rows).
+        for index in (0, len(train_batches) - 1):
+            out[f"between/{name}_{index}"] = calculator.influence_between_batches(queries, train_batches[index]).numpy()
+    return out
+
+
+def padded_outputs(
+    strategy: tf.distribute.Strategy | None, names: tuple[str, ...] = ("exact", "tracin", "trak")
+) -> dict[str, np.ndarray]:
+    """First-order (exact), TracIn and TRAK (those in ``names``) with every replica's shard padded to equal size:
+    self-influence, pairwise values, top-k and pairs of batches; and the rows each replica computed."""
+    import influence_lib as il
+    from influence_lib.curvature.factory import ExactIHVPFactory
+
+    model, train, test, checkpoints, deep = _problems()
+    out = {}
+    with il.padded_shards():
+        out["shard_rows"] = _shard_rows(strategy, train)
+        builders = {
+            "exact": lambda: il.FirstOrderInfluenceCalculator(
+                model, train, ExactIHVPFactory(damping=0.0, show_progress=False), show_progress=False,
+                strategy=strategy),
+            "tracin": lambda: il.TracIn(checkpoints, [0.1, 0.05], show_progress=False, strategy=strategy),
+            "trak": lambda: il.TRAK(il.InfluenceModel(deep, start_layer=0, last_layer=1), train,
+                                    il.Projection(8, seed=1), show_progress=False, strategy=strategy),
+        }
+        calculators = {name: builders[name]() for name in names}
+        train_batches = list(train)
+        for name, calculator in calculators.items():
+            out[f"{name}/self"] = il.extract_only_values(calculator.compute_influence_values(train)).numpy()
+            out[f"{name}/pairwise"] = _pairwise(calculator.estimate_influence_values_in_batches(test, train))
+            out[f"{name}/top_k_values"], out[f"{name}/top_k_indices"] = _top_k(calculator.top_k(test, train, K))
+            if name != "exact":
+                queries = next(iter(test))
+                for index in (0, len(train_batches) - 1):
+                    between = calculator.influence_between_batches(queries, train_batches[index])
+                    out[f"between/{name}_{index}"] = between.numpy()
+        out["exact/hessian"] = calculators["exact"].ihvp_calculator.hessian.numpy()
+    return out
+
+
 def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = True) -> dict[str, np.ndarray]:
     """The outputs compared by the tests, computed under ``strategy`` (None: one device).
 
@@ -143,6 +266,7 @@ def compute(strategy: tf.distribute.Strategy | None, every_calculator: bool = Tr
     with il.using_strategy(strategy):
         gauss_newton = il.ExactIHVP(model, train, hessian="gauss_newton", show_progress=False)
     out["gauss_newton/hessian"] = gauss_newton.hessian.numpy()
+    out.update(sharding_outputs(strategy, exact))
     if not every_calculator:
         out.update(kronecker_outputs(deep, train, test, strategy, ("ekfac",)))
         return out
@@ -217,7 +341,7 @@ def _refusals(strategy: tf.distribute.Strategy) -> list[str]:
     samples in another order)."""
     import influence_lib as il
 
-    model, train, _, checkpoints, _ = _problems()
+    model, train, test, checkpoints, _ = _problems()
     messages = []
     if strategy.cluster_resolver.task_id == 1:
         model.model.layers[-1].bias.assign(model.model.layers[-1].bias + 1.0)
@@ -233,6 +357,15 @@ def _refusals(strategy: tf.distribute.Strategy) -> list[str]:
         il.extract_only_values(tracin.compute_influence_values(shuffled))
     except ValueError as error:
         messages.append(str(error))
+    # A NaN input at index 12 (second batch, rows 10-13 on worker 1): its influence vector, held by worker 1 only,
+    # is refused on both workers (worker 0 would otherwise wait for worker 1 in the next collective).
+    x, y = (np.concatenate([tensor.numpy() for tensor in parts]) for parts in zip(*train))
+    x[12, 0] = np.nan
+    broken = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    try:
+        il.GradDot(model, show_progress=False, strategy=strategy).top_k(test, broken, K)
+    except il.NonFiniteError as error:
+        messages.append(str(error))
     return messages
 
 
@@ -241,10 +374,13 @@ def main(path: str, mode: str) -> None:
     if mode == "mirrored":
         results = {f"single/{key}": value for key, value in compute(None).items()}
         results.update({f"mirrored/{key}": value for key, value in compute(strategy).items()})
+        results.update({f"padded/{key}": value for key, value in padded_outputs(strategy).items()})
     elif mode == "single":
         results = {f"single/{key}": value for key, value in compute(None).items()}
     else:
         results = {f"multiworker/{key}": value for key, value in compute(strategy, every_calculator=False).items()}
+        padded = padded_outputs(strategy, ("exact", "tracin"))
+        results.update({f"padded/{key}": value for key, value in padded.items()})
         if strategy.cluster_resolver.task_id == 0:
             results.update({f"single/{key}": value for key, value in compute(None, every_calculator=False).items()})
         results["refusals"] = np.array(_refusals(strategy))

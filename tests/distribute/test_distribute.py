@@ -26,8 +26,9 @@ TIMEOUT_S = 240
 EVERY_CALCULATOR = {
     "exact", "cg", "arnoldi", "lissa", "gauss_newton", "tracin", "representer_l2", "representer_lje",
     "boundary_sample", "boundary_weights", "group", "scoped_model", "kfac", "ekfac",
-    "graddot", "gradcos", "trak", "trak_store",
+    "graddot", "gradcos", "trak", "trak_store", "ties", "between",
 }
+MULTI_WORKER = {"exact", "arnoldi", "tracin", "gauss_newton", "ekfac", "ties", "between"}
 
 
 def _environment(**extra) -> dict:
@@ -60,10 +61,16 @@ def _start(output: Path, mode: str, **env) -> subprocess.Popen:
 
 
 def _assert_same(expected: dict, actual: dict, prefix: str, calculators: set[str]) -> None:
-    assert {key.split("/")[0] for key in expected if "/" in key} == calculators
+    """Every output of ``calculators`` in ``expected`` equals ``actual[prefix/NAME]`` (indices exactly, values to
+    float32 tolerance); ``actual`` holds outputs of no other calculator (nor ``expected``, unless
+    ``prefix='padded'``, a subset)."""
+    computed = {key.split("/")[1] for key in actual if key.startswith(f"{prefix}/") and key.count("/") > 1}
+    assert computed == calculators
+    if prefix != "padded":
+        assert {key.split("/")[0] for key in expected if "/" in key} == calculators
     mismatched = []
     for key, value in expected.items():
-        if key.endswith("shard_rows"):
+        if key.endswith("shard_rows") or f"{prefix}/{key}" not in actual and prefix == "padded":
             continue
         other = actual[f"{prefix}/{key}"]
         if "indices" in key:
@@ -88,11 +95,30 @@ def _single_device_is_right(results: dict) -> None:
     np.testing.assert_allclose(results["single/exact/hessian"], hessian, atol=1e-5)
     np.testing.assert_allclose(results["single/gauss_newton/hessian"], hessian, atol=1e-5)
     tolerance = 2e-3 * np.abs(pairwise).max()
-    np.testing.assert_allclose(results["single/exact/pairwise"], pairwise, rtol=2e-3, atol=tolerance)
+    for source in ("pairwise", "no_cache_pairwise", "over_budget_pairwise"):  # memory, recomputed, disk
+        np.testing.assert_allclose(results[f"single/exact/{source}"], pairwise, rtol=2e-3, atol=tolerance)
     self_influence = np.einsum("np,pq,nq->n", g_train, inverse, g_train)
     np.testing.assert_allclose(results["single/exact/self"], self_influence, rtol=2e-3)
     order = np.argsort(-pairwise, axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(results["single/exact/top_k_indices"], order)
+    # The pairs of batches of GradDot, and its top-k over the set with ties: the smallest indices among equal
+    # scores first (duplicates of one sample sit in different batches and replicas).
+    test_batch = g_test[:4] @ g_train.T
+    np.testing.assert_allclose(results["single/between/graddot_0"], test_batch[:, :7], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(results["single/between/graddot_4"], test_batch[:, 28:], rtol=1e-4, atol=1e-6)
+    repeated = np.arange(29) % 6
+    scores = (g_test @ g_train[repeated].T).astype(np.float32)
+    for name, sign in (("top", -1.0), ("bottom", 1.0)):
+        order = np.stack([np.lexsort((np.arange(29), sign * row))[:3] for row in scores])
+        np.testing.assert_array_equal(results[f"single/ties/{name}_k_indices"], order)
+        np.testing.assert_allclose(results[f"single/ties/{name}_k_values"], np.take_along_axis(scores, order, 1),
+                                   rtol=1e-4, atol=1e-6)
+    self_influence = np.sum(g_train[repeated] ** 2, axis=1).astype(np.float32)
+    for name, sign in (("self_top", -1.0), ("self_bottom", 1.0)):
+        order = np.lexsort((np.arange(29), sign * self_influence))[:4]
+        np.testing.assert_array_equal(results[f"single/ties/{name}_k_indices"], order)
+        np.testing.assert_allclose(results[f"single/ties/{name}_k_values"], self_influence[order], rtol=1e-4)
+    assert results["single/exact/over_budget_warnings"] == 2  # pairwise values and top-k each fell back to disk
     if "single/graddot/pairwise" in results:
         dots = g_test @ g_train.T
         np.testing.assert_allclose(results["single/graddot/pairwise"], dots, rtol=1e-4, atol=1e-5 * np.abs(dots).max())
@@ -133,8 +159,19 @@ def test_mirrored_strategy_over_two_devices_gives_the_one_device_numbers(tmp_pat
     # the last row for the output's shape and drops it).
     np.testing.assert_array_equal(results["mirrored/shard_rows"], [[3, 4]] * 4 + [[1, 1]])
     np.testing.assert_array_equal(results["single/shard_rows"], [[7]] * 4 + [[1]])
+    # The in-memory influence vectors stay on the replica that computed them; each replica's top-k candidates
+    # are merged, not its score rows: k = 3 per query for two top-k calls over 3 batches to evaluate, then k = 4
+    # for two self-influence top-k calls.
+    np.testing.assert_array_equal(results["mirrored/exact/cache_shard_rows"], [[3, 4]] * 4 + [[0, 1]])
+    np.testing.assert_array_equal(results["single/exact/cache_shard_rows"], [[7]] * 4 + [[1]])
+    np.testing.assert_array_equal(results["mirrored/ties/candidates_shard_rows"], [6] * 6 + [8] * 2)
+    assert results["single/ties/candidates_shard_rows"].size == 0
     expected = {k[len("single/"):]: v for k, v in results.items() if k.startswith("single/")}
     _assert_same(expected, results, "mirrored", EVERY_CALCULATOR)
+    # Shards padded to equal size (the TPUStrategy path): 4 rows per replica (3 + 1 copy, 4), the last batch's
+    # row plus a copy for the other replica; the same numbers.
+    np.testing.assert_array_equal(results["padded/shard_rows"], [[4, 4]] * 4 + [[1, 1]])
+    _assert_same(expected, results, "padded", {"exact", "tracin", "trak", "between"})
 
 
 def _free_ports(count: int) -> list[int]:
@@ -167,13 +204,22 @@ def test_multi_worker_strategy_over_two_processes_gives_the_one_process_numbers(
         # Each worker computes the rows of its own replica: 3 (worker 0) or 4 (worker 1) of every batch of 7; the
         # last batch's single row belongs to worker 1, worker 0 computes a copy of it and drops it.
         np.testing.assert_array_equal(worker["multiworker/shard_rows"], [[3 + index]] * 4 + [[1]])
-        _assert_same(expected, worker, "multiworker", {"exact", "arnoldi", "tracin", "gauss_newton", "ekfac"})
+        _assert_same(expected, worker, "multiworker", MULTI_WORKER)
+        # Each worker keeps only its replica's rows of the influence vectors (3 or 4 of each batch of 7, the last
+        # batch's row on worker 1), merges the candidates of both for top-k, and pads to 4 rows when forced.
+        np.testing.assert_array_equal(worker["multiworker/exact/cache_shard_rows"], [[3 + index]] * 4 + [[index]])
+        np.testing.assert_array_equal(worker["multiworker/ties/candidates_shard_rows"], [6] * 6 + [8] * 2)
+        np.testing.assert_array_equal(worker["padded/shard_rows"], [[4]] * 4 + [[1]])
+        _assert_same(expected, worker, "padded", {"exact", "tracin", "between"})
         # EK-FAC's two factor passes summed this worker's rows of every batch across the workers.
         np.testing.assert_array_equal(worker["multiworker/ekfac/fit_shard_rows"], ([3 + index] * 4 + [1]) * 2)
         # Different weights, or the same samples in another order, are refused on every worker.
-        weights, data = worker["refusals"]
+        weights, data, not_finite = worker["refusals"]
         assert "The watched weights differ between the workers of the cluster: every worker must load" in weights
         assert "The first training batches differ between the workers of the cluster: every worker must" in data
+        # A NaN influence vector computed on worker 1 only is refused by both, naming its index.
+        assert "In the training batch starting at sample 7: Influence vectors are NaN or infinite for the " \
+            "samples at indices [12]" in not_finite
 
 
 @pytest.mark.parametrize("size, replicas", [(7, 2), (1, 2), (10, 3), (0, 4), (5, 8)])

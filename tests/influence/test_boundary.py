@@ -136,3 +136,26 @@ def test_bad_arguments_raise_clear_errors():
         WeightsBoundaryCalculator(single_output)
     with pytest.raises(ValueError, match="empty"):
         SampleBoundaryCalculator(model).compute_influence_values(_dataset(x).take(0))
+
+
+@pytest.mark.parametrize("calculator_type", [SampleBoundaryCalculator, WeightsBoundaryCalculator])
+def test_float64_models_get_float64_distances_to_float64_precision(calculator_type):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,), dtype="float64"), keras.layers.Dense(3, dtype="float64")])
+    x = np.random.default_rng(0).normal(size=(7, 4))
+    kernel, bias = (w.numpy() for w in model.weights)
+    logits = x @ kernel + bias
+    predicted = logits.argmax(1)
+    if calculator_type is SampleBoundaryCalculator:
+        expected = [
+            -min(abs(row[k] - row[c]) / np.linalg.norm(kernel[:, k] - kernel[:, c]) for k in range(3) if k != c)
+            for row, c in zip(logits, predicted)
+        ]
+    else:
+        gaps = np.abs(logits - logits[np.arange(len(x)), predicted][:, None])
+        gaps[np.arange(len(x)), predicted] = np.inf
+        expected = -gaps.min(1) / np.sqrt(2 * (np.sum(x**2, 1) + 1))
+    dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros((len(x), 1)))).batch(3)
+    values = extract_only_values(calculator_type(model, show_progress=False).compute_influence_values(dataset))
+    assert values.dtype == tf.float64
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-10)
