@@ -8,12 +8,21 @@ batch sizes 8, 32 and 256, it times
   ``_compute_influence_vector`` for influence vectors), waiting for the result;
 * ``stream``: iterating the result dataset the user gets (``compute_influence_values`` /
   ``compute_influence_vector``) over a ``tf.data`` training set, per batch — what a user pays,
-  including reading the input batches, checks, casts and the stream machinery.
+  including reading the input batches, checks, casts and the stream machinery;
+* ``input``: iterating the ``tf.data`` training set alone (reading the batches, no computation),
+  the part of the overhead that any consumer of the user's dataset pays.
 
-The overhead is ``stream − arithmetic``; the goal is ``stream ≤ 1.5 × arithmetic`` at batch 32.
+The overhead is ``stream − arithmetic``, of which ``stream − arithmetic − input`` is the library's
+own; the goal is ``stream ≤ 1.5 × arithmetic`` at batch 32.
 Both run in interleaved rounds (one pass of each per round, so that a slow spell of the shared
-machine hits both alike); each figure is the median over ``--repeats`` rounds after one warm-up
-pass (traces excluded).
+machine hits both alike), after one warm-up pass (traces excluded); each figure is reported as the
+minimum and the median over ``--repeats`` rounds, in two clocks:
+
+* ``wall``: elapsed time, what a user waits (on a shared machine, mostly a measure of its load);
+* ``cpu``: CPU time of the whole process (all threads, ``time.process_time``), which other jobs on
+  the machine barely change; with ``--threads 1`` (one TensorFlow thread) it is the work done.
+
+Each pass drops every result once read (``.numpy()``), as a user streaming them would.
 
 Command (≈ 1 min on 2 cores): ``python benchmarks/per_batch_overhead.py``
 """
@@ -51,15 +60,25 @@ def cnn() -> keras.Model:
     ])
 
 
-def _interleaved_medians(functions: list, repeats: int) -> list[float]:
-    """Median seconds of each function, timed in rounds of one call of each."""
-    times = [[] for _ in functions]
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _interleaved_times(functions: list, repeats: int) -> list[dict[str, list[float]]]:
+    """Seconds of each call of each function on each clock, timed in rounds of one call of each."""
+    times = [{clock: [] for clock in CLOCKS} for _ in functions]
     for _ in range(repeats):
         for function, spent in zip(functions, times):
-            start = time.perf_counter()
+            start = {clock: read() for clock, read in CLOCKS.items()}
             function()
-            spent.append(time.perf_counter() - start)
-    return [statistics.median(spent) for spent in times]
+            for clock, read in CLOCKS.items():
+                spent[clock].append(read() - start[clock])
+    return times
+
+
+def _read_all(values) -> None:
+    """Copy every result to the host and drop it."""
+    for value in values:
+        value.numpy()
 
 
 def measure(batch_size: int, batches: int, repeats: int) -> dict:
@@ -78,19 +97,25 @@ def measure(batch_size: int, batches: int, repeats: int) -> dict:
     ):
         result = stream(dataset)
         list(result)
-        arithmetic, per_batch = (
-            seconds / batches
-            for seconds in _interleaved_medians(
-                [lambda: [hook(batch).numpy() for batch in in_memory], lambda: [v.numpy() for _, v in result]],
-                repeats,
-            )
+        arithmetic, per_batch, reading = _interleaved_times(
+            [
+                lambda: _read_all(hook(batch) for batch in in_memory),
+                lambda: _read_all(v for _, v in result),
+                lambda: _read_all(batch[0] for batch in dataset),
+            ],
+            repeats,
         )
         row[name] = {
-            "arithmetic_ms": 1e3 * arithmetic,
-            "stream_ms": 1e3 * per_batch,
-            "overhead_ms": 1e3 * (per_batch - arithmetic),
-            "ratio": per_batch / arithmetic,
+            clock: {
+                f"{statistic}_{what}_ms": 1e3 * reduce(spent[clock]) / batches
+                for statistic, reduce in (("min", min), ("median", statistics.median))
+                for what, spent in (("arithmetic", arithmetic), ("stream", per_batch), ("input", reading))
+            }
+            for clock in CLOCKS
         }
+        for figures in row[name].values():
+            for statistic in ("min", "median"):
+                figures[f"{statistic}_ratio"] = figures[f"{statistic}_stream_ms"] / figures[f"{statistic}_arithmetic_ms"]
     return row
 
 
@@ -99,17 +124,29 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 256])
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, help="TensorFlow intra- and inter-op threads (default: TensorFlow's)")
     parser.add_argument("--json", help="write the rows to this file")
     arguments = parser.parse_args()
+    if arguments.threads is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(arguments.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(arguments.threads)
     rows = [measure(size, arguments.batches, arguments.repeats) for size in arguments.batch_sizes]
-    print(f"{'batch':>5} {'result':<17} {'arithmetic ms':>13} {'stream ms':>9} {'overhead ms':>11} {'ratio':>5}")
+    print("ms per batch, min / median over the rounds")
+    print(
+        f"{'batch':>5} {'result':<17} {'clock':<5} {'arithmetic':>15} {'stream':>15} {'input':>13} "
+        f"{'stream/arithmetic':>17}"
+    )
     for row in rows:
         for name in ("self_influence", "influence_vector"):
-            figures = row[name]
-            print(
-                f"{row['batch_size']:>5} {name:<17} {figures['arithmetic_ms']:>13.2f} {figures['stream_ms']:>9.2f} "
-                f"{figures['overhead_ms']:>11.2f} {figures['ratio']:>5.2f}"
-            )
+            for clock, figures in row[name].items():
+                cells = [
+                    f"{figures['min_' + what]:.2f} / {figures['median_' + what]:.2f}"
+                    for what in ("arithmetic_ms", "stream_ms", "input_ms", "ratio")
+                ]
+                print(
+                    f"{row['batch_size']:>5} {name:<17} {clock:<5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>13} "
+                    f"{cells[3]:>17}"
+                )
     print("per-sample gradients:", rows[0]["path"])
     if arguments.json:
         with open(arguments.json, "w", encoding="utf-8") as handle:

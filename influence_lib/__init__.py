@@ -35,6 +35,7 @@ from .curvature import (
     KFACIHVPFactory,
     LissaIHVP,
     LissaIHVPFactory,
+    early_stopping_damping,
     gauss_newton_hessian,
 )
 from .influence import (
@@ -111,6 +112,7 @@ __all__ = [
     "TracInCheckpoint",
     "WeightsBoundaryCalculator",
     "default_process_batch",
+    "early_stopping_damping",
     "extract_only_values",
     "to_numpy",
     "NumpyResult",

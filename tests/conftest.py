@@ -1,4 +1,4 @@
-"""Shared test settings: quiet TensorFlow, deterministic seeds, float64 NumPy references."""
+"""Shared test settings: quiet TensorFlow, deterministic seeds, float64 NumPy references, quiet xdist workers."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -6,6 +6,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 import pytest
+
+from quiet_workers import pytest_sessionfinish  # noqa: F401  (a hook: no KeyboardInterrupt from xdist workers)
 
 
 @pytest.fixture(autouse=True)

@@ -261,6 +261,7 @@ class SGDTrainingProcedure(TrainingProcedure):
                 model.set_weights([value.numpy() for value in weights])
                 callback.on_epoch_end(epoch)
         model.set_weights([value.numpy() for value in weights])
+        model.optimizer.iterations.assign(int(orders.shape[0] * orders.shape[1]))
         return TrainedModel(
             model, _accuracy(model, x_train, y_train), _accuracy(model, x_test, y_test), seed, checkpoint_directory,
             callback, self.loss_function(),

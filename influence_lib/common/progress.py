@@ -4,6 +4,7 @@ Only the outermost loop shows a bar: a loop running inside another one's bar (in
 computed inside a pairwise pass, a Hessian inside a calculator's construction, ...) stays silent,
 so that no nested bars (and the cursor-movement escape codes they write) end up in logs.
 """
+import dataclasses
 import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -33,3 +34,18 @@ def progress(iterable: Iterable[T], enabled: bool, desc: str, total: int | None 
             yield from bar
     finally:
         _SHOWN.depth = depth
+
+
+def quieted(settings: T, show_progress: bool) -> T:
+    """``settings`` (e.g. an IHVP factory) with its ``show_progress`` turned off when ``show_progress`` is False.
+
+    A calculator's ``show_progress=False`` silences everything it runs, including what it builds from
+    a factory whose own ``show_progress`` defaults to True. ``settings`` is never modified: a frozen
+    dataclass gets a copy (``dataclasses.replace``); an object without a ``show_progress`` dataclass
+    field is returned as it is.
+    """
+    if show_progress or not dataclasses.is_dataclass(settings) or isinstance(settings, type):
+        return settings
+    if not any(field.name == "show_progress" for field in dataclasses.fields(settings)):
+        return settings
+    return dataclasses.replace(settings, show_progress=False)

@@ -31,6 +31,10 @@ import numpy as np
 _MANIFEST = "manifest.json"
 _COMPLETE = "complete.json"
 _CHECKSUM_SUFFIX = ".sha256"
+DIRECTORY_MARKER = ".influence_lib_directory"
+# What directories written by version 0.2.0 (before the marker) hold: a ShardStore's manifest (influence-vector
+# caches) or the marker of saved influence values and top-k results.
+_WRITTEN_BY_0_2 = (_MANIFEST, ".influence_lib_result")
 
 
 def _canonical(value) -> str:
@@ -146,20 +150,46 @@ def recover_directory(path: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _check_replaceable(path: str, what: str) -> None:
+    """Raise unless ``path`` is missing, empty, or a directory influence_lib wrote (its marker, or a 0.2.0 layout)."""
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if not entries or any(name in entries for name in (DIRECTORY_MARKER, *_WRITTEN_BY_0_2)):
+        return
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise ValueError(
+        f"{path!r} exists and holds files that are not influence_lib's ({shown}): writing the {what} there would "
+        "delete them. Choose a new or empty directory."
+    )
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str) -> Iterator[str]:
+def atomic_directory(path: str, what: str = "directory") -> Iterator[str]:
     """Build a directory in a temporary place and swap it in at ``path`` only when complete.
 
-    Yields a fresh temporary directory beside ``path``. On normal exit the old ``path`` (if any) is
-    renamed aside, the new one renamed into place, then the old one deleted; on an exception the
-    temporary directory is removed and ``path`` is untouched. A kill between the two renames leaves
-    the old version at ``PATH.old-*``, which :func:`recover_directory` (called on entry here and by
-    :class:`ShardStore`) restores.
+    Yields a fresh temporary directory beside ``path``. On normal exit a marker file
+    (:data:`DIRECTORY_MARKER`) is added to it, the old ``path`` (if any) is renamed aside, the new one
+    renamed into place, then the old one deleted; on an exception the temporary directory is removed
+    and ``path`` is untouched. A kill between the two renames leaves the old version at
+    ``PATH.old-*``, which :func:`recover_directory` (called on entry here and by :class:`ShardStore`)
+    restores.
+
+    An existing non-empty ``path`` is replaced only if this function wrote it (it holds the marker)
+    or version 0.2.0 of the library did (a ``manifest.json`` or a ``.influence_lib_result`` marker):
+    a directory of other files is never deleted.
+
+    Parameters
+    ----------
+    path
+        The directory to write.
+    what
+        What is written, for messages (``"influence-vector cache"``, ...).
 
     Raises
     ------
+    ValueError
+        If ``path`` holds files influence_lib did not write (names the path and some of the files).
     OSError
-        If the parent directory cannot be created or written, naming the path.
+        If ``path`` is a file, or the parent directory cannot be created or written, naming the path.
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
@@ -168,6 +198,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     try:
         os.makedirs(parent, exist_ok=True)
         recover_directory(path)
+        _check_replaceable(path, what)
         token = uuid.uuid4().hex
         temporary = f"{path}.tmp-{token}"
         os.makedirs(temporary)
@@ -175,6 +206,7 @@ def atomic_directory(path: str) -> Iterator[str]:
         raise OSError(f"Cannot write to {path!r}: {error.strerror or error}. Choose a writable location.") from error
     try:
         yield temporary
+        open(os.path.join(temporary, DIRECTORY_MARKER), "w", encoding="utf-8").close()
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -50,15 +50,12 @@ def save_vectors(batches: Iterable, path: str, fingerprint: dict, dtype=None) ->
     ------
     OSError
         ``path`` cannot be written (names the path).
+    ValueError
+        ``path`` holds files that are not an influence_lib cache (saving would delete them).
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise OSError(f"The {WHAT} path {path!r} is a file, not a directory: pass a directory path.")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, _MANIFEST)):
-        raise ValueError(
-            f"{path!r} exists and is not an {WHAT} (it holds other files, which saving would delete): choose a "
-            "new or empty directory."
-        )
-    with atomic_directory(path) as temporary:
+    with atomic_directory(path, WHAT) as temporary:
         store = ShardStore(temporary, fingerprint, WHAT)
         sizes = []
         for index, vectors in enumerate(batches):

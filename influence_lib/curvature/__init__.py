@@ -20,6 +20,7 @@ from .iterative import IterativeIHVP
 from .kfac import EKFACIHVP, KFACIHVP
 from .kfac_storage import LayerFactors
 from .lissa import LissaIHVP
+from .spectrum import early_stopping_damping
 
 __all__ = [
     "ArnoldiIHVP",
@@ -43,6 +44,7 @@ __all__ = [
     "LissaIHVPFactory",
     "arnoldi_iteration",
     "batched_conjugate_gradient",
+    "early_stopping_damping",
     "gauss_newton_hessian",
     "make_ihvp",
 ]

@@ -204,7 +204,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
     k_largest_eig_vals
         Number ``k ≤ m`` of eigenvalues of largest magnitude kept. ``None``: all ``m``.
     damping
-        δ ≥ 0 added to every kept eigenvalue; ``'auto'`` (default): ``δ = 0.1 · tr(H) / P``, the
+        δ ≥ 0 added to every kept eigenvalue; ``'auto'`` (default): ``δ = max(0.1 · tr(H) / P, λ_train)``, the
         trace estimated with 32 random probes in one extra pass over the dataset
         (:mod:`~influence_lib.curvature.spectrum`).
     seed
@@ -270,6 +270,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         self.damping = resolve_damping(
             self.damping,
             lambda: hutchinson_mean_eigenvalue(self.hessian_operator.matmat, nb_params, model.dtype, seed=seed),
+            model,
         )
 
         start = tf.constant(np.random.default_rng(self.seed).standard_normal(nb_params), dtype=dtype)

@@ -38,7 +38,7 @@ class InverseHessianVectorProduct(ABC):
         Batched dataset of the samples averaged in the Hessian (``None`` when a calculator is
         built from a precomputed Hessian).
     damping
-        λ ≥ 0: the calculator inverts ``H + λI``; ``'auto'``: ``λ = 0.1 · tr(H) / P``, resolved by
+        λ ≥ 0: the calculator inverts ``H + λI``; ``'auto'``: ``λ = max(0.1 · tr(H) / P, λ_train)``, resolved by
         the subclass into a number stored in :attr:`damping`.
     """
 

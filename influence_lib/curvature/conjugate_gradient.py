@@ -8,7 +8,7 @@ Cost per query sample: at most ``n_opt_iters`` products, each about two forward 
 passes over the whole Hessian dataset (Gauss-Newton: a forward-mode and a reverse-mode pass;
 Hessian: a double backward pass), shared by the B right-hand sides solved together — so solve
 many vectors per call. The default curvature (Gauss-Newton, positive semi-definite) and damping
-(``0.1 · tr(H) / P``, positive) make ``H + λI`` positive definite, which CG requires; its condition
+(``max(0.1 · tr(H) / P, λ_train)``, positive) make ``H + λI`` positive definite, which CG requires; its condition
 number, hence the number of iterations, is at most ``(λ_max + λ) / λ``. A diagonal (Jacobi)
 preconditioner (``preconditioner='diagonal'``) rescales the parameters by the empirical Fisher
 diagonal: it costs one extra pass with per-sample gradients.
@@ -136,7 +136,7 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
     n_opt_iters
         Maximum number of CG iterations.
     damping
-        λ ≥ 0: solves ``(H + λI) x = v``; ``'auto'`` (default): ``λ = 0.1 · tr(H) / P``, estimated
+        λ ≥ 0: solves ``(H + λI) x = v``; ``'auto'`` (default): ``λ = max(0.1 · tr(H) / P, λ_train)``, estimated
         in one extra pass (see :class:`~influence_lib.curvature.iterative.IterativeIHVP`).
         ``0`` (Influenciae's default) fails on a singular or indefinite curvature.
     tolerance

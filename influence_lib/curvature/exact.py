@@ -82,7 +82,7 @@ class ExactIHVP(InverseHessianVectorProduct):
         A precomputed ``(P, P)`` curvature matrix (e.g. from a larger dataset). Give this or
         ``train_dataset``.
     damping
-        ``'auto'`` (default): ``δ = 0.1 · tr(H) / P``. A number ``δ > 0`` inverts ``H + δI``;
+        ``'auto'`` (default): ``δ = max(0.1 · tr(H) / P, λ_train)``. A number ``δ > 0`` inverts ``H + δI``;
         ``0`` uses the pseudo-inverse with ``tf.linalg.pinv``'s cut-off (Influenciae's behaviour,
         a strong truncation at large P — see the module docstring).
     show_progress
@@ -149,7 +149,7 @@ class ExactIHVP(InverseHessianVectorProduct):
             if not np.isfinite(hessian).all():
                 raise NonFiniteError("train_hessian contains NaN or infinite values.")
             hessian = 0.5 * (hessian + hessian.T)
-        self.damping = resolve_damping(self.damping, lambda: float(np.trace(hessian)) / model.nb_params)
+        self.damping = resolve_damping(self.damping, lambda: float(np.trace(hessian)) / model.nb_params, model)
         dtype = model.dtype
         self.hessian = tf.constant(hessian, dtype=dtype)
         self.inv_hessian = tf.constant(pseudo_inverse(hessian, self.damping), dtype=dtype)

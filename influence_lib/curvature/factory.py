@@ -3,7 +3,7 @@ factory object.
 
 Built from a name or enum member, each calculator uses its default settings: the Gauss-Newton
 curvature for built-in Keras losses (``curvature='auto'``) and ``damping='auto'``
-(``0.1 · tr(H) / P``); for ``'arnoldi'`` a Krylov subspace of ``min(P, 200)`` dimensions with all
+(``max(0.1 · tr(H) / P, λ_train)``); for ``'arnoldi'`` a Krylov subspace of ``min(P, 200)`` dimensions with all
 its eigenpairs kept. Use the factories to choose others (``damping=0`` for Influenciae's).
 """
 from abc import ABC, abstractmethod
@@ -12,6 +12,7 @@ from enum import Enum
 
 import tensorflow as tf
 
+from ..common.progress import quieted
 from ..model.influence_model import InfluenceModel
 from .arnoldi import ArnoldiIHVP
 from .base import InverseHessianVectorProduct
@@ -167,7 +168,7 @@ def make_ihvp(
             raise ValueError("The IHVP calculator was built for another InfluenceModel than the calculator's.")
         return calculator
     if isinstance(calculator, InverseHessianVectorProductFactory):
-        return calculator.build(model, dataset)
+        return quieted(calculator, show_progress).build(model, dataset)
     if isinstance(calculator, str):
         calculator = IHVPCalculator.from_string(calculator)
     if isinstance(calculator, IHVPCalculator):

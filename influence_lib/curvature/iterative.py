@@ -21,7 +21,7 @@ class IterativeIHVP(InverseHessianVectorProduct):
     n_opt_iters
         Maximum number of iterations of a solve.
     damping
-        λ ≥ 0, or ``'auto'``: ``λ = 0.1 · tr(H) / P`` with the trace estimated from 32 random
+        λ ≥ 0, or ``'auto'``: ``λ = max(0.1 · tr(H) / P, λ_train)`` with the trace estimated from 32 random
         probes in one pass over ``train_dataset`` (:mod:`~influence_lib.curvature.spectrum`).
     show_progress
         Show a progress bar over the iterations of each solve.
@@ -54,6 +54,7 @@ class IterativeIHVP(InverseHessianVectorProduct):
         self.damping = resolve_damping(
             self.damping,
             lambda: hutchinson_mean_eigenvalue(self.hessian_operator.matmat, model.nb_params, model.dtype),
+            model,
         )
 
     def hvp(self, vectors: tf.Tensor) -> tf.Tensor:

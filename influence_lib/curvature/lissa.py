@@ -13,7 +13,7 @@ Influenciae does): the recursion is then deterministic and converges to the exac
 et al., ``b`` times cheaper per iteration, but its answer keeps the noise of ``b`` batches
 (on the linear-regression test about 50 times farther from the exact solve than the full mode).
 
-Defaults: ``damping='auto'`` (``0.1 · tr(H) / P``, as the other calculators) and ``scale='auto'``
+Defaults: ``damping='auto'`` (``max(0.1 · tr(H) / P, λ_train)``, as the other calculators) and ``scale='auto'``
 (``λ_max + λ``, ``λ_max`` from 10 Lanczos iterations — 10 passes over the dataset — which keeps a
 margin of 2 against divergence). A constant scale diverges as soon as ``λ_max > 2s`` (e.g. the
 784→10 logistic regression on Fashion-MNIST, ``λ_max ≈ 31.6``, with Influenciae's ``s = 10``).
@@ -62,7 +62,7 @@ class LissaIHVP(IterativeIHVP):
     n_opt_iters
         Number of iterations J.
     damping
-        λ ≥ 0: the recursion converges to ``(H + λI)⁻¹ v``; ``'auto'`` (default): ``0.1 · tr(H) / P``.
+        λ ≥ 0: the recursion converges to ``(H + λI)⁻¹ v``; ``'auto'`` (default): ``max(0.1 · tr(H) / P, λ_train)``.
     scale
         s > 0, above half the largest eigenvalue of ``H + λI``; ``'auto'`` (default):
         ``λ_max + λ`` with ``λ_max`` estimated by Lanczos.

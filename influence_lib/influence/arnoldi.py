@@ -45,7 +45,7 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
     dtype
         Dtype of the Krylov basis and projections (``tf.float32`` or ``tf.float64``).
     damping
-        δ ≥ 0 added to the kept eigenvalues; ``'auto'`` (default): ``0.1 · tr(H) / P`` (see
+        δ ≥ 0 added to the kept eigenvalues; ``'auto'`` (default): ``max(0.1 · tr(H) / P, λ_train)`` (see
         :class:`~influence_lib.curvature.arnoldi.ArnoldiIHVP`).
     seed
         Seed of the Arnoldi start vector.

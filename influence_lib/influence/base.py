@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from itertools import zip_longest
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ..common.distribute import SAME_DATA, RowShards, data_parallel
@@ -91,9 +92,60 @@ def _raise_non_finite(indices: list[int], what: str) -> None:
         )
 
 
-def _check_finite(values: tf.Tensor, first_index: int, what: str) -> tf.Tensor:
-    _raise_non_finite(_non_finite_rows(values, first_index), what)
-    return values
+def _finite_rows(values: tf.Tensor) -> tf.Tensor:
+    """Whether every entry of each row of ``values`` is finite, shape ``(batch,)`` (dispatched, not read back)."""
+    finite = tf.math.is_finite(values)
+    return finite if values.shape.rank == 1 else tf.reduce_all(finite, axis=list(range(1, values.shape.rank)))
+
+
+def _raise_if_not_finite(rows: "tf.Tensor | None", first_index: int, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming the training indices of the rows :func:`_finite_rows` found non-finite
+    (``rows=None``: values already checked)."""
+    if rows is None:
+        return
+    finite = rows.numpy()
+    if not finite.all():
+        with _located(first_index):
+            _raise_non_finite((np.flatnonzero(~finite) + first_index).tolist()[:10], what)
+
+
+def _checked_finite(
+    computed: Iterator[tuple[Batch, "tf.Tensor | RowShards", int]], what: str
+) -> Iterator[tuple[Batch, "tf.Tensor | RowShards"]]:
+    """``(batch, values)`` for each ``(batch, values, first training index)`` of ``computed``, checked finite.
+
+    The check never makes the device wait for the host: the per-row test of a batch's values is dispatched
+    as soon as they are, and read back only once the next batch has been dispatched (one batch of look-ahead),
+    so an accelerator always has the next batch queued. A batch holding a NaN or infinite value raises
+    :class:`NonFiniteError` (naming the training indices) before it is yielded; an error raised while
+    computing a batch comes after the batches before it have been yielded. Values that are not a tensor —
+    :class:`RowShards`, checked across workers as they are computed (:func:`_finite_shards`) — pass through.
+    """
+    pending = None
+    iterator = iter(computed)
+    while True:
+        try:
+            batch, values, first_index = next(iterator)
+        except StopIteration:
+            break
+        except Exception:
+            if pending is not None:
+                _raise_if_not_finite(pending[2], pending[3], what)
+                yield pending[0], pending[1]
+            raise
+        rows = _finite_rows(values) if isinstance(values, tf.Tensor) else None
+        if pending is not None:
+            _raise_if_not_finite(pending[2], pending[3], what)
+            yield pending[0], pending[1]
+        pending = batch, values, rows, first_index
+    if pending is not None:
+        _raise_if_not_finite(pending[2], pending[3], what)
+        yield pending[0], pending[1]
+
+
+def _as_dtype(values: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """``values`` cast to ``dtype``; no op at all when it already has it."""
+    return values if values.dtype == dtype else tf.cast(values, dtype)
 
 
 def _as_vector(values: tf.Tensor) -> tf.Tensor:
@@ -143,15 +195,8 @@ class _TemporaryCache:
 def _writing(path: str, what: str) -> Iterator[str]:
     """A temporary directory swapped in at ``path`` once complete (:func:`atomic_directory`); TensorFlow's
     file errors become an ``OSError`` naming ``path``."""
-    marker = ".influence_lib_result"
-    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, marker)):
-        raise ValueError(
-            f"{path!r} exists and holds files that are not influence_lib {what} (saving would delete them): "
-            "choose a new or empty directory."
-        )
     try:
-        with atomic_directory(path) as temporary:
-            open(os.path.join(temporary, marker), "w", encoding="utf-8").close()
+        with atomic_directory(path, what) as temporary:
             yield temporary
     except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError, tf.errors.NotFoundError,
             tf.errors.ResourceExhaustedError, tf.errors.DataLossError) as error:
@@ -223,8 +268,14 @@ class SelfInfluenceCalculator(ABC):
         self, train_set: tf.data.Dataset, sharded: bool = False
     ) -> Iterator[tuple[Batch, "tf.Tensor | RowShards"]]:
         """``(batch, values)`` of ``train_set``; with ``sharded`` under a strategy, the values stay on the replicas
-        that computed them (a :class:`RowShards` of this worker's rows)."""
+        that computed them (a :class:`RowShards` of this worker's rows). Checked finite by :func:`_checked_finite`."""
+        return _checked_finite(self._unchecked_self_influence_batches(train_set, sharded), "Self-influence values")
+
+    def _unchecked_self_influence_batches(
+        self, train_set: tf.data.Dataset, sharded: bool
+    ) -> Iterator[tuple[Batch, "tf.Tensor | RowShards", int]]:
         parallel = data_parallel(self.strategy)
+        dtype = self.value_dtype
         offset = 0
         batches = progress(
             iterate_batches(train_set, "train_set"), self.show_progress, "Self-influence", known_cardinality(train_set)
@@ -236,14 +287,12 @@ class SelfInfluenceCalculator(ABC):
                 if sharded and parallel.distributed:
                     shards = parallel.shard_rows(self._compute_influence_value_from_batch, batch)
                     values = _finite_shards(
-                        shards, lambda part: tf.cast(_as_vector(part), self.value_dtype), offset,
-                        "Self-influence values"
+                        shards, lambda part: _as_dtype(_as_vector(part), dtype), offset, "Self-influence values"
                     )
                 else:
                     values = parallel.map_rows(self._compute_influence_value_from_batch, batch)
-                    values = tf.cast(_as_vector(values), self.value_dtype)
-                    values = _check_finite(values, offset, "Self-influence values")
-            yield batch, values
+                    values = _as_dtype(_as_vector(values), dtype)
+            yield batch, values, offset
             offset += batch_size_of(batch)
 
     def compute_influence_values(self, train_set: tf.data.Dataset, device: str | None = None) -> tf.data.Dataset:
@@ -391,8 +440,15 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         self, train_set: tf.data.Dataset, sharded: bool = False
     ) -> Iterator[tuple[Batch, "tf.Tensor | RowShards"]]:
         """``(batch, vectors)`` of ``train_set``; with ``sharded`` under a strategy, the vectors stay on the replicas
-        that computed them (a :class:`RowShards` of this worker's rows) instead of being gathered."""
+        that computed them (a :class:`RowShards` of this worker's rows) instead of being gathered. Checked finite
+        by :func:`_checked_finite`."""
+        return _checked_finite(self._unchecked_influence_vector_batches(train_set, sharded), "Influence vectors")
+
+    def _unchecked_influence_vector_batches(
+        self, train_set: tf.data.Dataset, sharded: bool
+    ) -> Iterator[tuple[Batch, "tf.Tensor | RowShards", int]]:
         parallel = data_parallel(self.strategy)
+        dtype = self.value_dtype
         offset = 0
         batches = progress(
             iterate_batches(train_set, "train_set"),
@@ -406,12 +462,12 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             with _located(offset):
                 if sharded and parallel.distributed:
                     shards = parallel.shard_rows(self._compute_influence_vector, batch)
-                    cast = functools.partial(tf.cast, dtype=self.value_dtype)
-                    vectors = _finite_shards(shards, cast, offset, "Influence vectors")
+                    vectors = _finite_shards(
+                        shards, functools.partial(_as_dtype, dtype=dtype), offset, "Influence vectors"
+                    )
                 else:
-                    vectors = tf.cast(parallel.map_rows(self._compute_influence_vector, batch), self.value_dtype)
-                    vectors = _check_finite(vectors, offset, "Influence vectors")
-            yield batch, vectors
+                    vectors = _as_dtype(parallel.map_rows(self._compute_influence_vector, batch), dtype)
+            yield batch, vectors, offset
             offset += batch_size_of(batch)
 
     def compute_influence_vector(

@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from ..common.datasets import Batch, batch_size_of, iterate_batches
 from ..common.distribute import check_strategy, data_parallel, using_strategy
-from ..common.progress import progress
+from ..common.progress import progress, quieted
 from ..curvature.factory import InverseHessianVectorProductFactory
 from ..model.influence_model import InfluenceModel
 from ._dense_head import label_classes, split_dense_head
@@ -146,7 +146,8 @@ class RepresenterPointLJE(BaseInfluenceCalculator):
             tuple(tf.concat(parts, axis=0) for parts in zip(*feature_batches))
         ).batch(max(batch_size_of(batch) for batch in feature_batches))
         with using_strategy(strategy):
-            self.ihvp_calculator = ihvp_calculator_factory.build(self.head_model, hessian_features)
+            factory = quieted(ihvp_calculator_factory, show_progress)
+            self.ihvp_calculator = factory.build(self.head_model, hessian_features)
 
     def _feature_batch(self, batch: Batch) -> Batch:
         """``(f, y[, sample_weight])`` for the head from a training batch ``(x, y[, sample_weight])``."""

@@ -82,21 +82,17 @@ def optimizer_learning_rate(model: keras.Model) -> float:
 ModelFactory = Callable[[], keras.Model]
 
 
-def _architecture_copy(model: "keras.Model | ModelFactory", reference: keras.Model | None) -> keras.Model:
-    """A fresh model with ``model``'s architecture: ``model()`` for a factory, else ``clone_model``.
+def _architecture_copy(model: "keras.Model | ModelFactory", reference: keras.Model | None) -> keras.Model | None:
+    """A fresh model with ``model``'s architecture: ``model()`` for a factory, else ``clone_model``;
+    ``None`` for a model ``clone_model`` cannot copy (a subclassed model without ``get_config``).
 
     A factory's model is built like ``reference`` (the model the weights come from) if needed.
     """
     if isinstance(model, keras.Model):
         try:
             return keras.models.clone_model(model)
-        except Exception as error:
-            raise ValueError(
-                f"TracIn needs one copy of the model per checkpoint, and keras.models.clone_model cannot copy "
-                f"{type(model).__name__} ({type(error).__name__}: {str(error).strip().splitlines()[0]}). Pass "
-                f"model=a function returning a new instance, e.g. model=lambda: {type(model).__name__}(...), or give "
-                "the class a get_config()."
-            ) from error
+        except Exception:  # Keras raises NotImplementedError, TypeError or ValueError depending on the class
+            return None
     copy = model()
     if not isinstance(copy, keras.Model):
         raise TypeError(f"model() must return a keras.Model, got {type(copy).__name__}.")
@@ -201,14 +197,17 @@ class TracIn(BaseInfluenceCalculator):
         """TracIn over Keras weight files (``.weights.h5``) saved from ``model``'s architecture.
 
         Each checkpoint is loaded into its own copy of ``model`` (``keras.models.clone_model``,
-        or ``model()`` for a factory); ``model`` itself is left untouched.
+        or ``model()`` for a factory). A model ``clone_model`` cannot copy (a subclassed model
+        without ``get_config``) is not copied: each checkpoint's weights are evaluated in ``model``
+        itself and put back after every call (see :mod:`influence_lib.influence.tracin_shared`).
+        Either way ``model`` is left unchanged.
 
         Parameters
         ----------
         model
             A model with the architecture the weights were saved from, or a function returning a
-            new instance of it (needed for subclassed models that ``clone_model`` cannot copy,
-            e.g. ``model=lambda: MyModel(64)``).
+            new instance of it (e.g. ``model=lambda: MyModel(64)``: one copy per checkpoint, faster
+            than borrowing the weights of a model Keras cannot copy).
         paths
             The weight files, in training order.
         learning_rates
@@ -245,6 +244,10 @@ class TracIn(BaseInfluenceCalculator):
         models = []
         for path in progress(paths, show_progress, "Loading checkpoints"):
             copy = _architecture_copy(model, reference)
+            if copy is None:
+                return _shared_architecture_tracin(
+                    model, paths, rates, show_progress, measurement, influence_model_kwargs, projection
+                )
             load_checkpoint(copy, path)
             models.append(InfluenceModel(copy, **influence_model_kwargs))
         return cls(models, rates, show_progress=show_progress, measurement=measurement, projection=projection)
@@ -266,11 +269,10 @@ class TracIn(BaseInfluenceCalculator):
         callback
             The callback passed to ``model.fit``.
         model
-            The architecture to load the checkpoints into: a model (cloned, never modified) or a
-            function returning a new instance (for subclassed models ``clone_model`` cannot copy;
-            it is built like the trained model, e.g. ``model=lambda: MyModel(64)``). Default: the
-            model the callback was attached to; when ``clone_model`` cannot copy it, a
-            ``ValueError`` asks for such a function.
+            The architecture to load the checkpoints into: a model or a function returning a new
+            instance (built like the trained model, e.g. ``model=lambda: MyModel(64)``), as in
+            :meth:`from_checkpoints` (a subclassed model Keras cannot copy works as it is; it is
+            left unchanged). Default: the model the callback was attached to.
         show_progress
             Show progress bars.
         measurement
@@ -369,3 +371,20 @@ class TracIn(BaseInfluenceCalculator):
                 for query_model, model, rate in zip(self.query_models, self.models, self.learning_rates)
             ]
         )
+
+
+def _shared_architecture_tracin(
+    model: keras.Model, paths, rates, show_progress, measurement, influence_model_kwargs, projection
+) -> TracIn:
+    """TracIn over the weights of ``paths`` evaluated in ``model`` itself (a model Keras cannot copy)."""
+    from .tracin_shared import SharedArchitectureTracIn, read_checkpoint_weights  # it subclasses TracIn
+
+    if not model.built:
+        raise ValueError(
+            f"The model {model.name!r} is not built, and Keras cannot copy {type(model).__name__} to build a copy: pass "
+            "the trained model (or call this one once on a batch), or model=a function returning a new instance."
+        )
+    weights = [read_checkpoint_weights(model, path) for path in progress(paths, show_progress, "Loading checkpoints")]
+    return SharedArchitectureTracIn(
+        InfluenceModel(model, **influence_model_kwargs), weights, rates, show_progress, measurement, projection
+    )

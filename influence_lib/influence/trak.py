@@ -42,7 +42,7 @@ from ..common.storage import ShardStore, fingerprint_dataset, fingerprint_variab
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
 from ..model.projection import GradientProjector, Projection
-from .base import BaseInfluenceCalculator, _check_finite
+from .base import BaseInfluenceCalculator, _checked_finite
 
 DEFAULT_PROJECTION = Projection(2048)
 
@@ -337,11 +337,13 @@ class TRAK(BaseInfluenceCalculator):
 
     def _influence_vector_batches(self, train_set: tf.data.Dataset, sharded: bool = False):
         if self._store is None or fingerprint_dataset(train_set) != self._train_fingerprint:
-            yield from super()._influence_vector_batches(train_set, sharded)
-            return
+            return super()._influence_vector_batches(train_set, sharded)
+        return _checked_finite(self._stored_influence_vector_batches(train_set), "Influence vectors")
+
+    def _stored_influence_vector_batches(self, train_set: tf.data.Dataset):
         offset = 0
         for batch, features, weights in self._feature_batches(train_set, "Influence vectors"):
-            yield batch, _check_finite(self._vectors(features, weights), offset, "Influence vectors")
+            yield batch, self._vectors(features, weights), offset
             offset += batch_size_of(batch)
 
     def _compute_influence_vector(self, train_samples: Batch) -> tf.Tensor:

@@ -162,8 +162,10 @@ def test_a_killed_writer_leaves_the_old_or_the_new_directory(tmp_path, parts_bef
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     storage.recover_directory(str(target))
-    contents = {p.read_text() for p in target.iterdir()}
-    assert len(list(target.iterdir())) == 40 and contents in ({"old"}, {"new"})
+    parts = [p for p in target.iterdir() if p.name != storage.DIRECTORY_MARKER]
+    contents = {p.read_text() for p in parts}
+    assert len(parts) == 40 and contents in ({"old"}, {"new"})
+    assert (target / storage.DIRECTORY_MARKER).exists()
     if parts_before_kill < 40:
         assert contents == {"old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
