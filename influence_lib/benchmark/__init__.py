@@ -23,6 +23,7 @@ from .factories import (
     RepresenterLJEFactory,
     SampleBoundaryFactory,
     TracInFactory,
+    TRAKEnsembleFactory,
     WeightsBoundaryFactory,
     configure,
     method_fields,
@@ -52,6 +53,7 @@ from .label_noise import flip_labels
 from .metrics import average_ranks, detection_curve, detection_curve_area, roc_auc
 from .report import results_table, results_to_dict, save_json
 from .retraining import (
+    IndependentModels,
     RetrainingData,
     SubsetRetraining,
     measure,
@@ -80,6 +82,7 @@ __all__ = [
     "FaithfulnessResult",
     "FirstOrderFactory",
     "GradientNormFactory",
+    "IndependentModels",
     "InfluenciaeTrainingProcedure",
     "LeaveOneOutGroundTruth",
     "LossFactory",
@@ -100,6 +103,7 @@ __all__ = [
     "SampleBoundaryFactory",
     "SubsetGroundTruth",
     "SubsetRetraining",
+    "TRAKEnsembleFactory",
     "TracInFactory",
     "TrainedModel",
     "TrainingProcedure",

@@ -25,6 +25,7 @@ from ..common.progress import progress
 from .factories import MethodFactory
 from .label_noise import flip_labels
 from .metrics import detection_curve, detection_curve_area, roc_auc
+from .retraining import IndependentModels, RetrainingData
 from .training import InfluenciaeTrainingProcedure, TrainingProcedure
 
 
@@ -306,9 +307,11 @@ class MislabelingDetectorEvaluator:
         is_flipped = np.zeros(len(noisy_labels), dtype=bool)
         is_flipped[flipped_indices] = True
         keras.backend.clear_session()
-        y_noisy = self._one_hot(noisy_labels)
-        trained = self.training_procedure.train(
-            self.x_train, y_noisy, self.x_test, self._one_hot(self.y_test), seed, checkpoint_directory
+        y_noisy, y_test = self._one_hot(noisy_labels), self._one_hot(self.y_test)
+        trained = self.training_procedure.train(self.x_train, y_noisy, self.x_test, y_test, seed, checkpoint_directory)
+        trained.independent_models = IndependentModels(
+            self.training_procedure, RetrainingData(self.x_train, y_noisy, self.x_test, y_test), seed=seed,
+            show_progress=self.show_progress,
         )
         train_set = tf.data.Dataset.from_tensor_slices((self.x_train, y_noisy)).batch(self.influence_batch_size)
         results = {}

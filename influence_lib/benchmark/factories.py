@@ -257,8 +257,19 @@ class TracInFactory(CalculatorFactory):
         )
 
 
+class _TRAKAttribution(CalculatorFactory):
+    """TRAK's sign: its pairwise values predict the change of the margin when the training sample is
+    included (``effect_sign = +1``); with the loss as measurement they predict minus the change of the loss."""
+
+    effect_sign = 1.0
+
+    def attribute(self, trained, train_set, test_set, measurement="margin") -> np.ndarray:
+        values = super().attribute(trained, train_set, test_set, measurement)
+        return values if measurement == "margin" else -values
+
+
 @dataclass(frozen=True)
-class TRAKFactory(CalculatorFactory):
+class TRAKFactory(_TRAKAttribution):
     """TRAK (Park et al. 2023) on the explained model, or on the checkpoints of its training run.
 
     Its pairwise values predict the change of the margin when the training sample is included
@@ -274,27 +285,24 @@ class TRAKFactory(CalculatorFactory):
         λ of ``(ΦᵀΦ + λI)⁻¹`` (0: pseudo-inverse).
     checkpoints
         An ensemble over the TracIn checkpoints saved during training instead of the final model.
-    start_layer
-        First watched layer (None: the last layer with weights).
+    start_layer, last_layer
+        First and last watched layers (None: the last layer with weights; ``start_layer=0,
+        last_layer=-1`` watches every layer).
     """
 
-    effect_sign = 1.0
     dimension: int | None = 2048
     structured: bool = True
     damping: float = 0.0
     checkpoints: bool = False
     start_layer: int | str | None = None
+    last_layer: int | str | None = None
 
     @property
     def needs_checkpoints(self) -> bool:
         return self.checkpoints
 
     def build(self, trained, train_set, measurement=None) -> TRAK:
-        projection = None if self.dimension is None else Projection(
-            self.dimension, seed=trained.seed, structured=self.structured
-        )
-        settings = dict(projection=projection, damping=self.damping, measurement=measurement or "margin",
-                        show_progress=False, start_layer=self.start_layer, loss_function=trained.loss_function)
+        settings = _trak_settings(self, trained, measurement)
         if not self.checkpoints:
             return TRAK.from_models([trained.model], train_set, **settings)
         if trained.checkpoint_callback is None or not trained.checkpoint_callback.checkpoints:
@@ -302,9 +310,60 @@ class TRAKFactory(CalculatorFactory):
         paths = [path for path, _ in trained.checkpoint_callback.checkpoints]
         return TRAK.from_checkpoints(trained.model, paths, train_set, **settings)
 
-    def attribute(self, trained, train_set, test_set, measurement="margin") -> np.ndarray:
-        values = super().attribute(trained, train_set, test_set, measurement)
-        return values if measurement == "margin" else -values
+
+def _trak_settings(factory, trained: TrainedModel, measurement: str | None) -> dict:
+    """Keyword arguments of :meth:`TRAK.from_models` from a TRAK factory's fields."""
+    projection = None if factory.dimension is None else Projection(
+        factory.dimension, seed=trained.seed, structured=factory.structured
+    )
+    return dict(projection=projection, damping=factory.damping, measurement=measurement or "margin",
+                show_progress=False, start_layer=factory.start_layer, last_layer=factory.last_layer,
+                loss_function=trained.loss_function)
+
+
+@dataclass(frozen=True)
+class TRAKEnsembleFactory(_TRAKAttribution):
+    """TRAK over an ensemble of ``models`` independently trained models (Park et al. 2023; dattri's TRAK-10/50).
+
+    The models are trained with the explained model's own training procedure, from other seeds,
+    each on a random ``alpha``-subset of the training set (the paper's and dattri's choice;
+    ``alpha=1`` trains on the whole set), by the
+    :class:`~influence_lib.benchmark.retraining.IndependentModels` the benchmark attaches to the
+    trained model (stored beside the ground truth and reused across runs; an ensemble of 10 is the
+    first 10 models of an ensemble of 50). The explained model itself is not in the ensemble.
+
+    Parameters
+    ----------
+    models
+        Ensemble size ``M``.
+    alpha
+        Fraction of the training set each model is trained on, in ``(0, 1]``.
+    dimension, structured, damping
+        As for :class:`TRAKFactory`.
+    start_layer, last_layer
+        First and last watched layers (default every layer, as in the paper and dattri; None, None:
+        the last layer with weights).
+    """
+
+    models: int = 10
+    alpha: float = 0.5
+    dimension: int | None = 2048
+    structured: bool = True
+    damping: float = 0.0
+    start_layer: int | str | None = 0
+    last_layer: int | str | None = -1
+
+    def build(self, trained, train_set, measurement=None) -> TRAK:
+        if isinstance(self.models, bool) or not isinstance(self.models, int) or self.models < 1:
+            raise ValueError(f"models (ensemble size) must be a positive integer, got {self.models!r}.")
+        provider = trained.independent_models
+        if provider is None:
+            raise ValueError(
+                "trak_ensemble needs independently trained models: set trained.independent_models to an "
+                "influence_lib.benchmark.IndependentModels (the benchmark evaluators do)."
+            )
+        models = provider.models(trained.model, self.models, self.alpha)
+        return TRAK.from_models(models, train_set, **_trak_settings(self, trained, measurement))
 
 
 @dataclass(frozen=True)
@@ -317,18 +376,21 @@ class GradSimilarityFactory(CalculatorFactory):
         Cosine similarity instead of the dot product.
     dimension
         Random projection of the gradients to this dimension (None: exact gradients).
-    start_layer
-        First watched layer (None: the last layer with weights).
+    start_layer, last_layer
+        First and last watched layers (None: the last layer with weights; ``start_layer=0,
+        last_layer=-1`` watches every layer).
     """
 
     cosine: bool = False
     dimension: int | None = None
     start_layer: int | str | None = None
+    last_layer: int | str | None = None
 
     def build(self, trained, train_set, measurement=None) -> GradDot:
         projection = None if self.dimension is None else Projection(self.dimension, seed=trained.seed)
         calculator = GradCos if self.cosine else GradDot
-        return calculator(_influence_model(trained, self.start_layer), projection, measurement, show_progress=False)
+        model = _influence_model(trained, self.start_layer, self.last_layer)
+        return calculator(model, projection, measurement, show_progress=False)
 
 
 @dataclass(frozen=True)
@@ -453,6 +515,7 @@ METHODS: dict[str, MethodFactory] = {
     "tracin": TracInFactory(),
     "trak": TRAKFactory(),
     "trak_checkpoints": TRAKFactory(checkpoints=True),
+    "trak_ensemble": TRAKEnsembleFactory(),
     "grad_dot": GradSimilarityFactory(),
     "grad_cos": GradSimilarityFactory(cosine=True),
     "rps_l2": RepresenterL2Factory(),

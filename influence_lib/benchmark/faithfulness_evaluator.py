@@ -8,7 +8,8 @@ MNIST-10 settings):
 2. Ground truth: train ``M`` models on random α-subsets and record the measurement (margin or
    loss) of every test sample; optionally a second run with other training seeds on the same
    subsets (the noise ceiling) and leave-one-out retrainings of ``K`` training samples. All of it
-   is stored and resumable (:mod:`~influence_lib.benchmark.retraining`).
+   is stored and resumable (:mod:`~influence_lib.benchmark.retraining`), as are the independently
+   trained models of the ensemble methods (:class:`~influence_lib.benchmark.retraining.IndependentModels`).
 3. Every method attributes every test sample to every training sample
    (:meth:`~influence_lib.benchmark.factories.MethodFactory.attribute`, timed) and is scored by
    :func:`~influence_lib.benchmark.faithfulness.linear_datamodeling_score` and
@@ -44,6 +45,7 @@ from .faithfulness import (
     noise_ceiling,
 )
 from .retraining import (
+    IndependentModels,
     RetrainingData,
     SubsetRetraining,
     procedure_settings,
@@ -189,6 +191,14 @@ class FaithfulnessEvaluator:
             )
         return self._loo
 
+    def independent_models(self) -> IndependentModels:
+        """The models an ensemble method (``trak_ensemble``) trains besides the explained one, stored
+        under ``STORE/independent_models`` (trained on demand, reused by later runs)."""
+        return IndependentModels(
+            self.training_procedure, self.data, self._store("independent_models"), self.setup.training_seed,
+            self.show_progress,
+        )
+
     def _datasets(self) -> tuple[tf.data.Dataset, tf.data.Dataset]:
         train_set = tf.data.Dataset.from_tensor_slices((self.data.x_train, self.data.y_train))
         test_set = tf.data.Dataset.from_tensor_slices((self.data.x_test, self.data.y_test))
@@ -231,6 +241,7 @@ class FaithfulnessEvaluator:
         results = {}
         with tempfile.TemporaryDirectory(prefix="influence_faithfulness_") as scratch:
             trained = self.train_model(scratch if needs_checkpoints else None)
+            trained.independent_models = self.independent_models()
             self.model_accuracy = (trained.train_accuracy, trained.test_accuracy)
             cache = self._attribution_cache()
             model_hash = fingerprint_variables(trained.model.weights)

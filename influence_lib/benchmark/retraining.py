@@ -10,8 +10,12 @@ settings, α, the number of models, the seeds and the measurement — so that:
 * a store made by another setup is refused (``ValueError`` naming what differs).
 
 Memory: one model at a time; the store holds ``M`` rows of ``m`` measurements plus the masks.
+
+:class:`IndependentModels` trains (and stores the weights of) models of the same procedure for
+the methods that ensemble independently trained models (TRAK), with the same store machinery.
 """
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -277,3 +281,117 @@ def retrain_leave_one_out(
         store.mark_complete(nb_models=len(names))
     changes = np.stack([rows[name] - rows["full"] for name in names[1:]])
     return LeaveOneOutGroundTruth(removed.astype(np.int64), changes)
+
+
+ENSEMBLE_SEED_OFFSET = 2_000_000
+
+
+class IndependentModels:
+    """Models trained independently of the explained one, with its training procedure — the ensemble of TRAK.
+
+    Model ``j`` is trained from seed ``seed + 2,000,000 + j`` on a random α-subset of the training
+    set (``alpha < 1``; the subsets are drawn from the same offset seed, so they differ from the
+    ground-truth subsets) or on the whole training set (``alpha = 1``). TRAK (Park et al., ICML 2023,
+    §3.3 and its experiments) and dattri's TRAK-10/50 (Deng et al., NeurIPS 2024 D&B) ensemble
+    models trained on half-size subsets; that is the default.
+
+    The models of one α are numbered, so an ensemble of 10 is the first 10 of an ensemble of 50.
+    With a ``path``, every trained model's weights are one shard of a :class:`ShardStore` per α
+    fingerprinted by the data, the procedure, α and the seed (a killed run resumes, a later run
+    reuses the stored models, another setup is refused); without one they are kept in memory for
+    the lifetime of this object. Memory: the weights of the models asked for.
+
+    Parameters
+    ----------
+    procedure
+        How every model is trained (the procedure of the explained model).
+    data
+        Training and test arrays (the test set only enters the accuracies the procedure reports).
+    path
+        Directory of the stores (one subdirectory per α); None: in memory only.
+    seed
+        Base seed (the explained model's training seed).
+    show_progress
+        Progress bar of the models trained.
+    """
+
+    def __init__(
+        self, procedure: TrainingProcedure, data: RetrainingData, path: str | None = None, seed: int = 0,
+        show_progress: bool = True,
+    ):
+        if not isinstance(procedure, TrainingProcedure):
+            raise TypeError(f"procedure must be a TrainingProcedure, got {type(procedure).__name__}.")
+        if not isinstance(data, RetrainingData):
+            raise TypeError(f"data must be a RetrainingData, got {type(data).__name__}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an integer ≥ 0, got {seed!r}.")
+        self.procedure = procedure
+        self.data = data
+        self.path = path
+        self.seed = int(seed)
+        self.show_progress = show_progress
+        self._memory: dict[tuple[float, int], list[np.ndarray]] = {}
+
+    def masks(self, count: int, alpha: float) -> np.ndarray:
+        """Training samples of models ``0 … count − 1``, ``(count, n)`` booleans (all true for ``alpha = 1``)."""
+        if alpha == 1.0:
+            return np.ones((count, len(self.data.x_train)), dtype=bool)
+        return subset_masks(len(self.data.x_train), alpha, count, self.seed + ENSEMBLE_SEED_OFFSET)
+
+    def weights(self, count: int, alpha: float = 0.5) -> list[list[np.ndarray]]:
+        """The weight lists (``keras.Model.get_weights`` order) of models ``0 … count − 1``, training the missing ones.
+
+        Raises
+        ------
+        ValueError
+            ``count`` not a positive integer, ``alpha`` outside ``(0, 1]``, or a store written by
+            another setup at ``path``.
+        """
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise ValueError(f"count must be a positive integer (number of models), got {count!r}.")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1] (fraction of the training set per model), got {alpha!r}.")
+        alpha = float(alpha)
+        masks = self.masks(int(count), alpha)
+        store = None if self.path is None else _open_store(
+            os.path.join(self.path, f"alpha_{alpha:g}"), "independent-models", self.data, self.procedure,
+            {"alpha": alpha, "seed": self.seed},
+        )
+        for index in range(int(count)):
+            if (alpha, index) not in self._memory and store is not None and store.has(_model_name(index)):
+                stored = store.read(_model_name(index))
+                self._memory[alpha, index] = [stored[key] for key in sorted(stored) if key.startswith("weight_")]
+        missing = [index for index in range(int(count)) if (alpha, index) not in self._memory]
+        for index in progress(missing, self.show_progress, "Training independent models", len(missing)):
+            seed = self.seed + ENSEMBLE_SEED_OFFSET + index
+            keep = masks[index]
+            trained = self.procedure.train(
+                self.data.x_train[keep], self.data.y_train[keep], self.data.x_test, self.data.y_test, seed
+            )
+            values = [np.asarray(value) for value in trained.model.get_weights()]
+            self._memory[alpha, index] = values
+            if store is not None:
+                store.write(_model_name(index), mask=keep, seed=np.int64(seed),
+                            **{f"weight_{position:04d}": value for position, value in enumerate(values)})
+        return [self._memory[alpha, index] for index in range(int(count))]
+
+    def models(self, template: keras.Model, count: int, alpha: float = 0.5) -> list[keras.Model]:
+        """Models ``0 … count − 1`` as Keras models: clones of ``template``'s architecture (``template`` is
+        left untouched) holding the independently trained weights."""
+        if not isinstance(template, keras.Model):
+            raise TypeError(f"template must be a keras.Model, got {type(template).__name__}.")
+        models = []
+        for values in self.weights(count, alpha):
+            clone = keras.models.clone_model(template)
+            if len(values) != len(clone.weights):
+                raise ValueError(
+                    f"The independently trained models have {len(values)} weight arrays and the template "
+                    f"{len(clone.weights)}: the template is not the architecture the procedure trains."
+                )
+            clone.set_weights(values)
+            models.append(clone)
+        return models
+
+
+def _model_name(index: int) -> str:
+    return f"model_{index:05d}"

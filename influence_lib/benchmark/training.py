@@ -30,6 +30,10 @@ class TrainedModel:
     loss_function
         The unreduced loss the model was trained with, for the methods' :class:`InfluenceModel`
         (None: categorical cross-entropy on softmax outputs, the library's default).
+    independent_models
+        Other models trained with the same procedure
+        (:class:`~influence_lib.benchmark.retraining.IndependentModels`), for the methods that
+        ensemble them (``trak_ensemble``); the benchmarks attach it (None: not available).
     """
 
     model: keras.Model
@@ -39,6 +43,7 @@ class TrainedModel:
     checkpoint_directory: str | None = None
     checkpoint_callback: object | None = field(default=None, repr=False)
     loss_function: Callable | None = field(default=None, repr=False)
+    independent_models: object | None = field(default=None, repr=False)
 
 
 class TrainingProcedure(ABC):
