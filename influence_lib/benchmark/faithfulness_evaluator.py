@@ -17,8 +17,9 @@ MNIST-10 settings):
 
 A method that fails on the model (e.g. RPS-LJE on a last layer with a bias) is reported with its
 error instead of a score; the other methods still run. With a store, each method's attribution
-matrix is also cached (float32, keyed by the factory's settings and a hash of the explained
-model's weights), so a killed run resumes after the last finished method and a re-run with more
+matrix is also cached (float32, keyed by the factory's settings, a hash of the explained
+model's weights and a hash of the library's source, so that a changed default is never read from an
+older run's cache), so a killed run resumes after the last finished method and a re-run with more
 ground truth (e.g. leave-one-out added) re-scores without recomputing.
 """
 import dataclasses
@@ -33,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.progress import progress
-from ..common.storage import ShardStore, digest, fingerprint_variables
+from ..common.storage import ShardStore, digest, fingerprint_variables, library_fingerprint
 from .factories import MethodFactory
 from .faithfulness import (
     CorrelationSummary,
@@ -245,8 +246,9 @@ class FaithfulnessEvaluator:
             self.model_accuracy = (trained.train_accuracy, trained.test_accuracy)
             cache = self._attribution_cache()
             model_hash = fingerprint_variables(trained.model.weights)
+            library = library_fingerprint()
             for name, factory in progress(factories.items(), self.show_progress, "Methods", len(factories)):
-                key = "method_" + digest({"factory": repr(factory), "model": model_hash})[:32]
+                key = "method_" + digest({"factory": repr(factory), "model": model_hash, "library": library})[:32]
                 results[name] = self._evaluate_method(
                     name, factory, trained, train_set, test_set, ground_truth, loo, cache, key
                 )

@@ -17,6 +17,7 @@ This module gives them three guarantees:
   path), never a raw decoding error.
 """
 import contextlib
+import functools
 import glob
 import hashlib
 import io
@@ -58,6 +59,22 @@ def fingerprint_variables(variables: Sequence) -> str:
     for variable in variables:
         value = variable.numpy() if hasattr(variable, "numpy") else np.asarray(variable)
         _hash_array(hasher, np.asarray(value))
+    return hasher.hexdigest()
+
+
+@functools.cache
+def library_fingerprint() -> str:
+    """SHA-256 (hex) of the source of the installed ``influence_lib`` (every ``.py`` file, by relative path).
+
+    Results computed by the library (e.g. the faithfulness benchmark's cached attributions) are keyed
+    by it, so that a change of code or of a default never silently reuses results of another version.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hasher = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        hasher.update(os.path.relpath(path, root).encode())
+        with open(path, "rb") as handle:
+            hasher.update(hashlib.sha256(handle.read()).digest())
     return hasher.hexdigest()
 
 

@@ -132,6 +132,16 @@ def test_tiny_end_to_end_lds_on_digits(tmp_path):
     cached = again.evaluate({"tracin": METHODS["tracin"]})["tracin"]
     assert cached.seconds == results["tracin"].seconds
     assert cached.lds.mean == pytest.approx(results["tracin"].lds.mean, abs=1e-3)
+    # Another version of the library (another default, say) recomputes instead of reading the cache.
+    import influence_lib.benchmark.faithfulness_evaluator as evaluator_module
+
+    original = evaluator_module.library_fingerprint
+    evaluator_module.library_fingerprint = lambda: "another version"
+    try:
+        recomputed = again.evaluate({"tracin": METHODS["tracin"]})["tracin"]
+    finally:
+        evaluator_module.library_fingerprint = original
+    assert recomputed.seconds != results["tracin"].seconds
 
 
 def test_evaluator_checks_its_arguments():

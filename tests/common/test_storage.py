@@ -169,3 +169,18 @@ def test_a_killed_writer_leaves_the_old_or_the_new_directory(tmp_path, parts_bef
     if parts_before_kill < 40:
         assert contents == {"old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_library_fingerprint_is_the_hash_of_the_installed_source():
+    import hashlib
+    import pathlib
+
+    import influence_lib
+    from influence_lib.common.storage import library_fingerprint
+
+    root = pathlib.Path(influence_lib.__file__).parent
+    hasher = hashlib.sha256()
+    for path in sorted(root.rglob("*.py"), key=lambda p: str(p.relative_to(root))):
+        hasher.update(str(path.relative_to(root)).encode())
+        hasher.update(hashlib.sha256(path.read_bytes()).digest())
+    assert library_fingerprint() == hasher.hexdigest()
