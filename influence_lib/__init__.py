@@ -62,7 +62,7 @@ from .influence.tracin_checkpoint import TracInCheckpoint
 from . import utils
 from .model import BaseInfluenceModel, GradientProjector, InfluenceModel, Projection, default_process_batch
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CACHE",
