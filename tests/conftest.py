@@ -15,3 +15,25 @@ def _seed_everything():
     keras.utils.set_random_seed(1234)
     np.random.seed(1234)
     yield
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """The descriptions of the progress bars shown while the test runs (tqdm replaced by a recorder)."""
+    from influence_lib.common import progress as progress_module
+
+    shown = []
+
+    class Bar:
+        def __init__(self, iterable, desc, **kwargs):
+            shown.append(desc)
+            self.iterable = iterable
+
+        def __enter__(self):
+            return iter(self.iterable)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(progress_module, "tqdm", Bar)
+    return shown

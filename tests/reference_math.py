@@ -167,3 +167,14 @@ def tanh_mlp_logit_jacobians(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
     d_b2 = np.broadcast_to(np.eye(classes), (n, classes, classes))
     return np.concatenate([d_w1, d_b1, d_w2, d_b2], axis=2), hidden @ w2 + b2
 
+
+
+def margin_gradients(x: np.ndarray, labels: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Per-sample gradients of the margin ``z_y − logsumexp_{k≠y} z_k`` of a Dense layer w.r.t. [kernel, bias], float64."""
+    logits = x.astype(np.float64) @ kernel + bias
+    is_label = np.eye(kernel.shape[1], dtype=bool)[labels]
+    others = np.where(is_label, -np.inf, logits)
+    weights = np.exp(others - others.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    d_logits = is_label - weights
+    return np.concatenate([np.einsum("nd,nc->ndc", x, d_logits).reshape(len(x), -1), d_logits], axis=1)

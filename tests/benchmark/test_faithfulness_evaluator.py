@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from reference_math import softmax_gradients, softmax_hessian, softmax_regression
+from reference_math import margin_gradients, softmax_gradients, softmax_hessian, softmax_regression
 
 from influence_lib.benchmark.factories import (
     METHODS,
@@ -19,17 +19,6 @@ from influence_lib.benchmark.faithfulness_evaluator import FaithfulnessEvaluator
 from influence_lib.benchmark.faithfulness_report import faithfulness_table, faithfulness_to_dict, plot_faithfulness
 from influence_lib.benchmark.retraining import RetrainingData, SubsetRetraining
 from influence_lib.benchmark.training import SGDTrainingProcedure, TrainedModel
-
-
-def margin_gradients(x, labels, kernel, bias):
-    """Gradients of m = z_y − logsumexp_{k≠y} z_k with respect to [kernel, bias], float64."""
-    logits = x.astype(np.float64) @ kernel + bias
-    is_label = np.eye(kernel.shape[1], dtype=bool)[labels]
-    others = np.where(is_label, -np.inf, logits)
-    weights = np.exp(others - others.max(axis=1, keepdims=True))
-    weights /= weights.sum(axis=1, keepdims=True)
-    d_logits = is_label - weights
-    return np.concatenate([np.einsum("nd,nc->ndc", x, d_logits).reshape(len(x), -1), d_logits], axis=1)
 
 
 @pytest.mark.parametrize("measurement", ["loss", "margin"])

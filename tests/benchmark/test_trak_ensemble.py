@@ -8,6 +8,7 @@ reused without retraining.
 import numpy as np
 import pytest
 import tensorflow as tf
+from reference_math import margin_gradients
 
 from influence_lib.benchmark import METHODS, MislabelingDetectorEvaluator, TRAKEnsembleFactory
 from influence_lib.benchmark.faithfulness import linear_datamodeling_score
@@ -32,17 +33,6 @@ def digits(n_train=100, n_test=12) -> RetrainingData:
     eye = np.eye(10, dtype=np.float32)
     scale = lambda x: (x.reshape(len(x), -1) / 16.0).astype(np.float32)  # noqa: E731
     return RetrainingData(scale(data.x_train), eye[data.y_train], scale(data.x_test), eye[data.y_test])
-
-
-def margin_gradients(x, labels, kernel, bias):
-    """Gradients of ``z_y − logsumexp_{k≠y} z_k`` with respect to ``[kernel, bias]``, float64."""
-    logits = x.astype(np.float64) @ kernel + bias
-    is_label = np.eye(kernel.shape[1], dtype=bool)[labels]
-    others = np.where(is_label, -np.inf, logits)
-    weights = np.exp(others - others.max(axis=1, keepdims=True))
-    weights /= weights.sum(axis=1, keepdims=True)
-    d_logits = is_label - weights
-    return np.concatenate([np.einsum("nd,nc->ndc", x, d_logits).reshape(len(x), -1), d_logits], axis=1)
 
 
 def numpy_trak(weight_lists, data: RetrainingData, damping: float) -> np.ndarray:

@@ -3,20 +3,10 @@ against float64 NumPy with the registry's sign (change of the measurement when a
 import numpy as np
 import pytest
 import tensorflow as tf
-from reference_math import softmax, softmax_gradients, softmax_regression
+from reference_math import margin_gradients, softmax, softmax_gradients, softmax_regression
 
 from influence_lib.benchmark.factories import METHODS, GradSimilarityFactory, TRAKFactory
 from influence_lib.benchmark.training import TrainedModel
-
-
-def _margin_gradients(x, labels, kernel, bias):
-    logits = x.astype(np.float64) @ kernel + bias
-    is_label = np.eye(kernel.shape[1], dtype=bool)[labels]
-    others = np.where(is_label, -np.inf, logits)
-    weights = np.exp(others - others.max(axis=1, keepdims=True))
-    weights /= weights.sum(axis=1, keepdims=True)
-    d_logits = is_label - weights
-    return np.concatenate([np.einsum("nd,nc->ndc", x, d_logits).reshape(len(x), -1), d_logits], axis=1)
 
 
 def _problem():
@@ -32,8 +22,8 @@ def test_trak_attributions_are_the_predicted_change_of_the_measurement(measureme
     trained, train_set, test_set, x, y, test_x, test_y, kernel, bias = _problem()
     scores = TRAKFactory(dimension=None, damping=0.1).attribute(trained, train_set, test_set, measurement)
     if measurement == "margin":
-        train = _margin_gradients(x, y.argmax(1), kernel, bias)
-        test = _margin_gradients(test_x, test_y.argmax(1), kernel, bias)
+        train = margin_gradients(x, y.argmax(1), kernel, bias)
+        test = margin_gradients(test_x, test_y.argmax(1), kernel, bias)
         weights = 1.0 - (softmax(x @ kernel + bias) * y).sum(1)
     else:
         train, test = softmax_gradients(x, y, kernel, bias), softmax_gradients(test_x, test_y, kernel, bias)
@@ -48,7 +38,7 @@ def test_grad_similarity_attributions(cosine):
     trained, train_set, test_set, x, y, test_x, test_y, kernel, bias = _problem()
     scores = GradSimilarityFactory(cosine=cosine).attribute(trained, train_set, test_set, "margin")
     train = softmax_gradients(x, y, kernel, bias)
-    test = _margin_gradients(test_x, test_y.argmax(1), kernel, bias)
+    test = margin_gradients(test_x, test_y.argmax(1), kernel, bias)
     if cosine:
         train = train / np.linalg.norm(train, axis=1, keepdims=True)
         test = test / np.linalg.norm(test, axis=1, keepdims=True)

@@ -3,33 +3,12 @@ import dataclasses
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import influence_lib as il
-from influence_lib.common import progress as progress_module
 from influence_lib.common.progress import quieted
 from influence_lib.curvature.factory import ExactIHVPFactory
 from tests.reference_math import softmax_regression
-
-
-@pytest.fixture
-def bars(monkeypatch):
-    shown = []
-
-    class Bar:
-        def __init__(self, iterable, desc, **kwargs):
-            shown.append(desc)
-            self.iterable = iterable
-
-        def __enter__(self):
-            return iter(self.iterable)
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(progress_module, "tqdm", Bar)
-    return shown
 
 
 def test_first_order_with_a_factory_shows_no_bar_when_asked(bars):
