@@ -16,17 +16,6 @@ def _numpy_margin(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return logits[np.arange(len(labels)), labels] - (top[:, 0] + np.log(np.exp(others - top).sum(axis=1)))
 
 
-def _numpy_margin_gradients(x: np.ndarray, labels: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """∂m/∂z = e_y − softmax over the other classes (0 at y); ∂m/∂W = x ⊗ ∂m/∂z, ∂m/∂b = ∂m/∂z."""
-    logits = x.astype(np.float64) @ kernel + bias
-    mask = np.eye(kernel.shape[1], dtype=bool)[labels]
-    others = np.where(mask, -np.inf, logits)
-    weights = np.exp(others - others.max(axis=1, keepdims=True))
-    weights /= weights.sum(axis=1, keepdims=True)
-    dz = mask.astype(np.float64) - weights
-    return np.concatenate([np.einsum("nd,nc->ndc", x, dz).reshape(len(x), -1), dz], axis=1)
-
-
 @pytest.mark.parametrize("one_hot", [False, True])
 def test_margin_equals_numpy_from_logits_and_probabilities(one_hot):
     rng = np.random.default_rng(0)
@@ -74,7 +63,7 @@ def test_margin_gradients_equal_closed_form_and_finite_differences(mode):
     influence_model = il.InfluenceModel(model, loss_function=loss, per_sample_gradients=mode)
     view = influence_model.with_measurement("margin")
     gradients = np.concatenate([view.batch_jacobian_tensor(batch).numpy() for batch in dataset])
-    expected = _numpy_margin_gradients(x, labels, kernel, bias)
+    expected = rm.margin_gradients(x, labels, kernel, bias)
     np.testing.assert_allclose(gradients, expected, rtol=1e-4, atol=1e-5)
 
     theta = np.concatenate([kernel.ravel(), bias])
@@ -101,7 +90,7 @@ def test_margin_on_probabilities_matches_logits_model():
     gradients = np.concatenate(
         [influence_model.with_measurement("margin").batch_jacobian_tensor(b).numpy() for b in train]
     )
-    np.testing.assert_allclose(gradients, _numpy_margin_gradients(x, y.argmax(1), kernel, bias), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(gradients, rm.margin_gradients(x, y.argmax(1), kernel, bias), rtol=1e-3, atol=1e-4)
 
 
 def test_first_order_with_margin_equals_numpy():
@@ -114,7 +103,7 @@ def test_first_order_with_margin_equals_numpy():
     y_test = np.eye(3, dtype=np.float32)[labels_test]
     test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(3)
     inverse = rm.pseudo_inverse(rm.softmax_hessian(x, kernel, bias))
-    expected = _numpy_margin_gradients(x_test, labels_test, kernel, bias) @ inverse @ rm.softmax_gradients(
+    expected = margin_gradients(x_test, labels_test, kernel, bias) @ inverse @ rm.softmax_gradients(
         x, y, kernel, bias
     ).T
     calculator = il.FirstOrderInfluenceCalculator(
