@@ -103,7 +103,7 @@ def test_first_order_with_margin_equals_numpy():
     y_test = np.eye(3, dtype=np.float32)[labels_test]
     test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(3)
     inverse = rm.pseudo_inverse(rm.softmax_hessian(x, kernel, bias))
-    expected = margin_gradients(x_test, labels_test, kernel, bias) @ inverse @ rm.softmax_gradients(
+    expected = rm.margin_gradients(x_test, labels_test, kernel, bias) @ inverse @ rm.softmax_gradients(
         x, y, kernel, bias
     ).T
     calculator = il.FirstOrderInfluenceCalculator(
