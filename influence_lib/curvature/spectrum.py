@@ -29,6 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..model.optimizer import constant_learning_rate
+
 if TYPE_CHECKING:
     from ..model.influence_model import InfluenceModel
 
@@ -134,13 +136,11 @@ def recorded_training_damping(model: "InfluenceModel") -> float | None:
     optimizer = getattr(keras_model, "optimizer", None)
     if not isinstance(optimizer, keras.optimizers.SGD) or optimizer.weight_decay:
         return None
-    if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule):
-        return None
+    learning_rate = constant_learning_rate(optimizer)
     steps = int(keras.ops.convert_to_numpy(optimizer.iterations))
     watched = {id(weight) for weight in model.weights}
     if steps < 1 or any(id(weight) not in watched for weight in keras_model.trainable_weights):
         return None
-    learning_rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-    if not (np.isfinite(learning_rate) and learning_rate > 0):
+    if learning_rate is None or not (np.isfinite(learning_rate) and learning_rate > 0):
         return None
     return early_stopping_damping(learning_rate, steps, float(optimizer.momentum))

@@ -33,6 +33,7 @@ from ..common.distribute import check_strategy, data_parallel
 from ..common.progress import progress
 from ..model.influence_model import InfluenceModel
 from ..model.measurement import Measurement
+from ..model.optimizer import constant_learning_rate
 from ..model.projection import GradientProjector, Projection
 from .base import BaseInfluenceCalculator
 from .tracin_checkpoint import TracInCheckpoint, check_compatible_checkpoints, load_checkpoint
@@ -70,13 +71,14 @@ def optimizer_learning_rate(model: keras.Model) -> float:
             f"No learning rate was given and the model {model.name!r} has no optimizer to read it from: pass "
             "learning_rates=..., or compile the model with its optimizer."
         )
-    if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule):
+    learning_rate = constant_learning_rate(optimizer)
+    if learning_rate is None:
         raise ValueError(
             f"No learning rate was given and the optimizer of {model.name!r} follows a schedule, so the rate differs "
             "between checkpoints: pass learning_rates=[...] (one per checkpoint), or record them with "
             "TracInCheckpoint and use TracIn.from_callback."
         )
-    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    return learning_rate
 
 
 ModelFactory = Callable[[], keras.Model]
